@@ -1,0 +1,95 @@
+"""``pivot-mega`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def _size(text: str) -> int:
+    """'5GB', '200MB', '64KB' or a byte count → bytes."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    text = text.strip().upper()
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def _add_convert(sub) -> None:
+    convert = sub.add_parser("convert", help="HF checkpoints in and out")
+    verbs = convert.add_subparsers(dest="verb", required=True)
+
+    imp = verbs.add_parser(
+        "import-hf", help="HF LLaVA / LLaVA-NeXT / SigLIP + Qwen2 directories -> pivot_mega checkpoint",
+        description="Give one source: --llava DIR, --llava-next DIR, or --vision DIR --llm DIR.")
+    imp.add_argument("--llava", metavar="DIR", help="HF LlavaForConditionalGeneration dir (SigLIP + Qwen2)")
+    imp.add_argument("--llava-next", metavar="DIR",
+                     help="LLaVA-NeXT / PIVOT reference checkpoint (model.vision_tower.vision_tower.* ...)")
+    imp.add_argument("--vision", metavar="DIR", help="SigLIP dir (SiglipModel or SiglipVisionModel)")
+    imp.add_argument("--llm", metavar="DIR", help="Qwen2 / Qwen2.5 dir (Qwen2ForCausalLM)")
+    imp.add_argument("--vision-config", metavar="PATH",
+                     help="with --llava-next: the tower's SigLIP config (HF dir, config.json or YAML preset)")
+    imp.add_argument("--select-layer", type=int, default=-2,
+                     help="with --vision: hidden state fed to the projector (default -2, penultimate)")
+    imp.add_argument("--image-token-id", type=int,
+                     help="token id of image positions (default: <image> or <|image_pad|> from tokenizer.json)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the fresh projector (with --vision/--llm)")
+    imp.add_argument("--dtype", choices=sorted(DTYPES), help="cast all tensors (default: keep stored dtypes)")
+    imp.add_argument("--max-shard-size", type=_size, default="5GB", help="shard size, e.g. 5GB (default)")
+    imp.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint directory")
+
+    exp = verbs.add_parser("export-hf", help="pivot_mega checkpoint -> HF LLaVA dir or SigLIP encoder dir")
+    exp.add_argument("--ckpt", required=True, metavar="CKPT")
+    exp.add_argument("--out", required=True, metavar="DIR")
+    exp.add_argument("--format", choices=["llava", "siglip"], default="llava",
+                     help="llava: LlavaForConditionalGeneration; siglip: the vision encoder alone")
+    exp.add_argument("--max-shard-size", type=_size, default="5GB")
+
+
+def _run_convert(args) -> None:
+    from .convert.hf import export_hf, import_hf
+
+    if args.verb == "import-hf":
+        config = import_hf(args.out, llava=args.llava, llava_next=args.llava_next, vision=args.vision,
+                           llm=args.llm, vision_config=args.vision_config, select_layer=args.select_layer,
+                           image_token_id=args.image_token_id, seed=args.seed,
+                           dtype=DTYPES.get(args.dtype), max_shard_bytes=args.max_shard_size)
+        v, lang = config.vision, config.language
+        print(f"wrote {args.out}: SigLIP {v.hidden_size}d x {v.num_layers_built} layers "
+              f"(select_layer {v.select_layer}, {config.num_image_tokens} tokens/image) -> mlp2x_gelu -> "
+              f"Qwen2 {lang.hidden_size}d x {lang.num_hidden_layers} layers, vocab {lang.vocab_size}, "
+              f"image token {config.image_token_id}")
+    else:
+        out = export_hf(args.ckpt, args.out, format=args.format, max_shard_bytes=args.max_shard_size)
+        print(f"wrote {out} ({args.format})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pivot-mega", description="PIVOT MLLM training system")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .models.checkpoint_io import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            _run_convert(args)
+    except (CheckpointError, ConfigError) as e:
+        print(f"pivot-mega {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

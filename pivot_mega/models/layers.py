@@ -1,0 +1,325 @@
+"""Shared building blocks: packed-sequence metadata, attention backends, RMSNorm, rotary embeddings.
+
+Attention takes q, k, v as ``[B, S, H, D]`` and returns ``[B, S, Hq, D]``. A packed batch holds several
+samples per row; ``PackedSeqs.cu_seqlens`` gives segment boundaries over the flattened ``B * S``
+tokens (flash-attn's varlen convention), and attention never crosses a boundary. Every backend gives
+the same numbers; ``auto`` picks the fastest one this machine has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend cannot run here (not installed, no GPU, unsupported input)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSeqs:
+    """Segment layout of a packed ``[B, S]`` batch.
+
+    cu_seqlens: int32 ``[num_segments + 1]``, cumulative lengths over the flattened ``B * S`` tokens,
+        starting at 0 and ending at ``B * S``; every row boundary is a segment boundary.
+    max_seqlen: the longest segment (a Python int, so kernels need no device sync).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @staticmethod
+    def from_lengths(lengths: list[list[int]] | list[int], device=None) -> "PackedSeqs":
+        """Builds the layout from per-row segment lengths (rows must be equally long)."""
+        rows = [lengths] if lengths and isinstance(lengths[0], int) else lengths
+        flat = [n for row in rows for n in row]
+        if any(n <= 0 for n in flat):
+            raise ValueError(f"segment lengths must be positive, got {rows}")
+        if len({sum(row) for row in rows}) != 1:
+            raise ValueError(f"rows of a packed batch must have equal length, got {rows}")
+        cu = torch.tensor([0] + flat, dtype=torch.int64).cumsum(0).to(torch.int32)
+        return PackedSeqs(cu_seqlens=cu.to(device) if device is not None else cu, max_seqlen=max(flat))
+
+    def segment_ids(self, batch: int, seqlen: int) -> torch.Tensor:
+        """``[B, S]`` index of the segment each token belongs to."""
+        total = batch * seqlen
+        cu = self.cu_seqlens.to(torch.int64)
+        if cu[0].item() != 0 or cu[-1].item() != total:
+            raise ValueError(f"cu_seqlens must run from 0 to B*S={total}, got {cu.tolist()}")
+        if (cu.diff() <= 0).any():
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
+        row_ends = torch.arange(1, batch + 1, device=cu.device) * seqlen
+        if not torch.isin(row_ends, cu).all():
+            raise ValueError(f"a segment crosses a row boundary: cu_seqlens {cu.tolist()}, row length {seqlen}")
+        lengths = cu.diff()
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
+        return ids.view(batch, seqlen)
+
+    def position_ids(self, batch: int, seqlen: int) -> torch.Tensor:
+        """``[B, S]`` positions restarting at 0 in every segment."""
+        ids = self.segment_ids(batch, seqlen).flatten()
+        starts = self.cu_seqlens.to(torch.int64)[:-1]
+        return (torch.arange(batch * seqlen, device=ids.device) - starts[ids]).view(batch, seqlen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention backends
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on ``device``, fastest first (the order ``auto`` uses)."""
+    device = torch.device(device)
+    names = []
+    if device.type == "cuda":
+        if _has_module("flash_attn"):
+            names.append("flash_attn")
+        if _varlen_available():
+            names.append("varlen")
+        if _has_module("transformer_engine"):
+            names.append("te")
+    names.append("sdpa")
+    if _flex_available():
+        # flex_attention runs anywhere, but is only fast when compiled on CUDA.
+        names.append("flex")
+    return names
+
+
+def resolve_backend(requested: str, device: torch.device | str, packed: bool, dtype: torch.dtype) -> str:
+    """Maps ``requested`` (``auto`` or a name) to a backend that can run, or raises with the reason."""
+    device = torch.device(device)
+    available = available_backends(device)
+    if requested == "auto":
+        if not packed:
+            return "sdpa"  # dense causal/full attention: SDPA already dispatches to flash/cuDNN kernels
+        for name in available:
+            if name in ("flash_attn", "te") and dtype not in (torch.float16, torch.bfloat16):
+                continue
+            return name
+        return "sdpa"
+    if requested not in available:
+        reason = {
+            "flash_attn": "needs CUDA and the flash-attn package",
+            "te": "needs CUDA and Transformer Engine",
+            "varlen": "needs CUDA and torch.nn.attention.varlen (torch >= 2.10)",
+            "flex": "needs torch.nn.attention.flex_attention",
+        }.get(requested, "unknown backend")
+        raise AttentionBackendError(
+            f"attention backend {requested!r} is not available on {device} ({reason}); "
+            f"available: {available}. Set model.attention: auto to pick one.")
+    if requested in ("flash_attn", "te") and dtype not in (torch.float16, torch.bfloat16):
+        raise AttentionBackendError(f"attention backend {requested!r} needs fp16/bf16 inputs, got {dtype}")
+    return requested
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+              packed: PackedSeqs | None = None, backend: str = "auto") -> torch.Tensor:
+    """Multi-head attention with GQA; q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` → ``[B, S, Hq, D]``."""
+    name = resolve_backend(backend, q.device, packed is not None, q.dtype)
+    return _BACKENDS[name](q, k, v, causal, packed)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
+
+
+def _sdpa(q, k, v, causal, packed):
+    batch, seqlen = q.shape[:2]
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, _repeat_kv(k, groups), _repeat_kv(v, groups)))
+    if packed is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        seg = packed.segment_ids(batch, seqlen)
+        mask = seg[:, :, None] == seg[:, None, :]
+        if causal:
+            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    return out.transpose(1, 2)
+
+
+def _flex(q, k, v, causal, packed):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, seqlen = q.shape[:2]
+    seg = packed.segment_ids(batch, seqlen) if packed is not None else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx if causal else q_idx == q_idx
+        if seg is not None:
+            keep = keep & (seg[b, q_idx] == seg[b, kv_idx])
+        return keep
+
+    block_mask = create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=q.device)
+    groups = q.shape[2] // k.shape[2]
+    # Eager flex_attention materialises the scores; compiled (CUDA) it is a fused kernel.
+    kernel = _compiled_flex() if q.is_cuda else flex_attention
+    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                         block_mask=block_mask, enable_gqa=groups > 1)
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _varlen_params() -> set[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return set(inspect.signature(varlen_attn).parameters)
+
+
+def _flat_layout(q, packed):
+    batch, seqlen = q.shape[:2]
+    if packed is None:
+        packed = PackedSeqs.from_lengths([[seqlen]] * batch, device=q.device)
+    return packed.cu_seqlens.to(device=q.device, dtype=torch.int32), packed.max_seqlen
+
+
+def _varlen(q, k, v, causal, packed):
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, seqlen, heads, dim = q.shape
+    cu, max_len = _flat_layout(q, packed)
+    params = _varlen_params()
+    kwargs = {}
+    groups = heads // k.shape[2]
+    if groups > 1 and "enable_gqa" not in params:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    elif groups > 1:
+        kwargs["enable_gqa"] = True
+    # torch 2.10/2.11 take is_causal; later releases express causality as a window.
+    if "is_causal" in params:
+        kwargs["is_causal"] = causal
+    elif causal:
+        kwargs["window_size"] = (-1, 0)
+    flat = [t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, k, v)]
+    out = varlen_attn(*flat, cu, cu, max_len, max_len, **kwargs)
+    return out.view(batch, seqlen, heads, dim)
+
+
+def _flash_attn(q, k, v, causal, packed):
+    from flash_attn import flash_attn_varlen_func
+
+    batch, seqlen, heads, dim = q.shape
+    cu, max_len = _flat_layout(q, packed)
+    flat = [t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, causal=causal)
+    return out.view(batch, seqlen, heads, dim)
+
+
+def _te(q, k, v, causal, packed):
+    batch, seqlen, heads, dim = q.shape
+    cu, max_len = _flat_layout(q, packed)
+    module = _te_module(heads, k.shape[2], dim, causal)
+    flat = [t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, k, v)]
+    out = module(*flat, qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return out.view(batch, seqlen, heads, dim)
+
+
+@functools.cache
+def _te_module(heads: int, kv_heads: int, dim: int, causal: bool):
+    import transformer_engine.pytorch as te
+
+    # TE's attention holds no parameters; one instance per shape is reused.
+    return te.DotProductAttention(heads, dim, num_gqa_groups=kv_heads, attention_dropout=0.0,
+                                  attn_mask_type="padding_causal" if causal else "padding")
+
+
+_BACKENDS = {"sdpa": _sdpa, "flex": _flex, "varlen": _varlen, "flash_attn": _flash_attn, "te": _te}
+
+
+def reference_attention(q, k, v, *, causal: bool, packed: PackedSeqs | None = None) -> torch.Tensor:
+    """Plain softmax(QK^T/sqrt(d))V, each segment separately; the oracle for backend tests."""
+    batch, seqlen, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    seg = packed.segment_ids(batch, seqlen) if packed is not None else torch.zeros(
+        batch, seqlen, dtype=torch.long, device=q.device)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim)
+    mask = seg[:, None, :, None] == seg[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32, scaled by ``weight`` in the input dtype (as Qwen2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int,
+                 theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables ``[B, S, D]`` for positions ``[B, S]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64,
+                                             device=position_ids.device).float() / head_dim))
+    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates ``x [B, S, H, D]`` (half-split convention of Qwen2/Llama) in fp32, back in x's dtype."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def maybe_checkpoint(layer: nn.Module, index: int, enabled: bool, every: int, *args):
+    """Runs ``layer(*args)``, recomputing its activations in backward when enabled for this index."""
+    if enabled and index % every == 0 and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)

@@ -1,0 +1,127 @@
+"""The MLLM: SigLIP tower → mlp2x_gelu projector → image features spliced into Qwen2's embeddings."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import PackedSeqs
+from .projector import Projector
+from .qwen2 import Qwen2LanguageModel
+from .siglip import SiglipVisionTower
+
+
+class ImageTokenMismatchError(ValueError):
+    """input_ids hold a different number of image tokens than the images provide."""
+
+
+class VisionLanguageModel(nn.Module):
+    """LLaVA-style MLLM; a plain nn.Module (parallelism is applied from outside).
+
+    Submodules: ``vision`` (SigLIP up to the selected layer), ``projector``, ``language`` (Qwen2).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        runtime = dict(attention_backend=config.attention,
+                       activation_checkpointing=config.activation_checkpointing,
+                       checkpoint_every=config.checkpoint_every)
+        self.vision = SiglipVisionTower(config.vision, **runtime)
+        self.projector = Projector(config.projector, config.vision.hidden_size, config.language.hidden_size)
+        self.language = Qwen2LanguageModel(config.language, **runtime)
+
+    # ------------------------------------------------------------------------------------------
+    # forward pieces (pipeline stages call these separately)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values ``[N_img, 3, H, W]`` → projected features ``[N_img, T, H_llm]``."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings ``[B, S, H]`` with image features written over the image-token positions.
+
+        Images fill image-token positions in reading order (row by row, left to right).
+        """
+        embeds = self.language.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        num_slots = int(is_image.sum())
+        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if num_slots != num_features:
+            images = 0 if image_features is None else image_features.shape[0]
+            per_image = self.config.num_image_tokens if image_features is None else image_features.shape[1]
+            raise ImageTokenMismatchError(
+                f"input_ids hold {num_slots} image tokens (id {self.config.image_token_id}) but "
+                f"{images} image(s) x {per_image} tokens = {num_features} features were given; "
+                f"each image needs exactly {per_image} image tokens")
+        if num_features == 0:
+            return embeds
+        features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(is_image[..., None], features)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """input_ids ``[B, S]`` (each image's placeholder expanded to ``num_image_tokens`` copies of
+        ``image_token_id``), pixel_values ``[N_img, 3, H, W]`` → logits ``[B, S, V]`` (or the
+        final-normed hidden states ``[B, S, H]`` with ``return_hidden``).
+
+        Packed rows: ``cu_seqlens`` (int32 ``[num_segments + 1]`` over the flattened ``B * S`` tokens)
+        keeps attention inside each sample; positions restart per sample unless ``position_ids``
+        is given.
+        """
+        packed = None
+        if cu_seqlens is not None:
+            if max_seqlen is None:
+                max_seqlen = int(cu_seqlens.diff().max())
+            packed = PackedSeqs(cu_seqlens, max_seqlen)
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
+        return hidden if return_hidden else self.language.logits(hidden)
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu", **config_overrides) -> "VisionLanguageModel":
+        """Loads a pivot_mega checkpoint directory (``pivot-mega convert import-hf`` writes one)."""
+        from .checkpoint_io import load_model
+
+        return load_model(path, dtype=dtype, device=device, **config_overrides)
+
+    def init_weights(self, seed: int = 0) -> "VisionLanguageModel":
+        """Random init; see ``init_parameters``."""
+        init_parameters(self, seed)
+        return self
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, seed: int, prefix: str = "") -> None:
+    """Random init, each tensor from a generator seeded by (seed, full parameter name).
+
+    Seeding per name makes the model independent of how parameters are later sharded or which rank
+    materialises them (``prefix`` gives a submodule's names as the whole model sees them).
+    Linear/conv/embedding weights ~ N(0, 0.02), biases 0, norms 1; the projector uses PyTorch's
+    default Linear init (U(+-1/sqrt(fan_in))), as LLaVA's fresh projector does.
+    """
+    for local_name, param in module.named_parameters():
+        name = prefix + local_name
+        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        owner, leaf = local_name.rsplit(".", 1)
+        if name.startswith("projector."):
+            bound = 1.0 / math.sqrt(module.get_submodule(owner).in_features)
+            value = torch.empty(param.shape).uniform_(-bound, bound, generator=gen)
+        elif "norm" in owner:
+            value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
+        elif leaf == "bias":
+            value = torch.zeros(param.shape)
+        else:
+            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=gen)
+        param.copy_(value)

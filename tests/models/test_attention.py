@@ -1,0 +1,122 @@
+"""Attention backends, packed sequences, activation checkpointing, BF16 autocast."""
+
+import pytest
+import torch
+
+from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
+from pivot_mega.models import AttentionBackendError, PackedSeqs, VisionLanguageModel, available_backends
+from pivot_mega.models.layers import attention, reference_attention, resolve_backend
+from tests.hf_models import Case, mllm_inputs, rel_err
+
+TOL = 1e-5
+CPU_BACKENDS = available_backends("cpu")
+
+
+def tiny_model(seed, attention_backend="sdpa", **overrides):
+    case = Case("tiny", heads=4, kv_heads=2, hidden=32, intermediate=72)
+    config = ModelConfig(
+        vision=VisionConfig(hidden_size=case.vision_hidden, intermediate_size=case.vision_intermediate,
+                            num_hidden_layers=case.vision_layers, num_attention_heads=case.vision_heads,
+                            image_size=case.image_size, patch_size=case.patch_size, select_layer=-2),
+        language=LanguageConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+                                num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                                num_key_value_heads=case.kv_heads, rope_theta=case.rope_theta,
+                                tie_word_embeddings=False),
+        image_token_id=case.image_token_id, attention=attention_backend, **overrides)
+    model = VisionLanguageModel(config).init_weights(seed)
+    with torch.no_grad():  # norms and biases off their init values so they take part in the check
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval(), case
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_backends_match_reference_attention(backend, causal, groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, seqlen, kv_heads, dim = 2, 29, 2, 16
+    q = torch.randn(batch, seqlen, kv_heads * groups, dim, generator=gen)
+    k, v = (torch.randn(batch, seqlen, kv_heads, dim, generator=gen) for _ in range(2))
+    packed = PackedSeqs.from_lengths([[7, 12, 10], [29]])
+    for layout in (None, packed):
+        expected = reference_attention(q, k, v, causal=causal, packed=layout)
+        got = attention(q, k, v, causal=causal, packed=layout, backend=backend)
+        assert rel_err(got, expected) <= TOL, (backend, layout)
+
+
+def test_packed_layout_checks():
+    packed = PackedSeqs.from_lengths([[3, 5], [8]])
+    assert packed.position_ids(2, 8).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
+    with pytest.raises(ValueError, match="crosses a row boundary"):
+        PackedSeqs(torch.tensor([0, 3, 10, 16], dtype=torch.int32), 7).segment_ids(2, 8)
+    with pytest.raises(ValueError, match="from 0 to B\\*S=16"):
+        PackedSeqs(torch.tensor([0, 3, 8], dtype=torch.int32), 5).segment_ids(2, 8)
+
+
+def test_gpu_only_backends_fail_clearly_on_cpu():
+    assert resolve_backend("auto", "cpu", packed=True, dtype=torch.float32) == "sdpa"
+    for name in ("varlen", "flash_attn", "te"):
+        with pytest.raises(AttentionBackendError, match=f"{name}.*not available on cpu"):
+            resolve_backend(name, "cpu", packed=True, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_packed_batch_equals_samples_one_by_one(backend, seed):
+    model, case = tiny_model(seed, attention_backend=backend)
+    # Four samples of different lengths (one without an image) packed into two rows of 64 tokens.
+    t = case.image_tokens
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [[t + 9, 64 - (t + 9)], [t + 20, 64 - (t + 20)]]
+    has_image = [[True, False], [True, True]]
+    samples, images = [], []
+    for row_lengths, row_images in zip(lengths, has_image):
+        for length, with_image in zip(row_lengths, row_images):
+            ids = torch.randint(0, case.vocab - 1, (length,), generator=gen)
+            if with_image:
+                ids[1:1 + t] = case.image_token_id
+                images.append(torch.randn(3, case.image_size, case.image_size, generator=gen))
+            samples.append((ids, with_image))
+    packed_ids = torch.stack([torch.cat([samples[0][0], samples[1][0]]), torch.cat([samples[2][0], samples[3][0]])])
+    packed = PackedSeqs.from_lengths(lengths)
+    with torch.no_grad():
+        packed_logits = model(packed_ids, torch.stack(images), cu_seqlens=packed.cu_seqlens,
+                              max_seqlen=packed.max_seqlen).flatten(0, 1)
+        image_iter = iter(images)
+        singles = [model(ids[None], next(image_iter)[None] if with_image else None)[0]
+                   for ids, with_image in samples]
+    expected = torch.cat(singles)
+    assert rel_err(packed_logits, expected) <= TOL
+
+
+def test_activation_checkpointing_gives_the_same_gradients(seed):
+    results = []
+    for enabled in (False, True):
+        model, case = tiny_model(seed, activation_checkpointing=enabled)
+        model.train()
+        ids, pixels = mllm_inputs(case, seed)
+        model(ids, pixels).float().logsumexp(-1).mean().backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in results[0].items():
+        assert torch.allclose(grad, results[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_bf16_autocast_is_close_to_fp32(seed):
+    model, case = tiny_model(seed)
+    ids, pixels = mllm_inputs(case, seed)
+    with torch.no_grad():
+        reference = model(ids, pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids, pixels)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, reference) < 5e-2
+
+
+def test_init_is_reproducible_and_seeded_per_name(seed):
+    a, _ = tiny_model(seed)
+    b, _ = tiny_model(seed)
+    c, _ = tiny_model(seed + 1)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        assert not torch.equal(pa, pc), name
