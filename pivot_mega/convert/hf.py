@@ -130,28 +130,32 @@ def _language_name(hf_name: str) -> str | None:
 
 
 def assemble(config: ModelConfig, vision: dict[str, torch.Tensor], projector: dict[str, torch.Tensor],
-             language: dict[str, torch.Tensor], source: str):
-    """HF-named parts → (our tensors, unused SigLIP tensors), checked against ``config``."""
+             language: dict[str, torch.Tensor], source: str, origin: dict[tuple[str, str], str] | None = None):
+    """HF-named parts → (our tensors, unused SigLIP tensors), checked against ``config``.
+
+    ``origin`` maps (part, part-relative name) to the key in the source files, for error messages.
+    """
+    origin = origin or {}
     tensors, unused, names, unknown = {}, {}, {}, []
     built = config.vision.num_layers_built
     for hf_name, tensor in vision.items():
         ours = _vision_name(hf_name, built)
         plain = hf_name.removeprefix("vision_model.")
         if ours is not None:
-            tensors[ours], names[ours] = tensor, hf_name
+            tensors[ours], names[ours] = tensor, origin.get(("vision", hf_name), hf_name)
         elif plain.startswith(("encoder.layers.", "post_layernorm.", "head.")):
             unused[plain] = tensor
         else:
-            unknown.append(hf_name)
+            unknown.append(origin.get(("vision", hf_name), hf_name))
     for hf_name, tensor in projector.items():
         ours = "projector." + hf_name
-        tensors[ours], names[ours] = tensor, hf_name
+        tensors[ours], names[ours] = tensor, origin.get(("projector", hf_name), hf_name)
     for hf_name, tensor in language.items():
         ours = _language_name(hf_name)
         if ours is None:
-            unknown.append(hf_name)
+            unknown.append(origin.get(("language", hf_name), hf_name))
             continue
-        tensors[ours], names[ours] = tensor, hf_name
+        tensors[ours], names[ours] = tensor, origin.get(("language", hf_name), hf_name)
     if unknown:
         raise CheckpointError(f"{source}: unexpected tensors {sorted(unknown)[:10]}")
     if config.language.tie_word_embeddings and "language.lm_head.weight" in tensors:
@@ -163,18 +167,23 @@ def assemble(config: ModelConfig, vision: dict[str, torch.Tensor], projector: di
     return tensors, unused
 
 
-def _split(tensors: dict[str, torch.Tensor], prefixes: dict[str, str]):
-    """Groups keys by the first matching prefix (stripped); returns (groups, leftovers)."""
-    groups = {part: {} for part in set(prefixes.values())}
-    leftovers = []
+def _split(tensors: dict[str, torch.Tensor], prefixes: dict[str, tuple[str, str]]):
+    """Groups keys by the first matching prefix: prefix → (part, replacement for the prefix).
+
+    Returns (groups, origin, leftovers); origin maps (part, new name) back to the file's key.
+    """
+    groups = {part: {} for part, _ in prefixes.values()}
+    origin, leftovers = {}, []
     for key, tensor in tensors.items():
-        for prefix, part in prefixes.items():
+        for prefix, (part, replacement) in prefixes.items():
             if key.startswith(prefix):
-                groups[part][key.removeprefix(prefix)] = tensor
+                name = replacement + key.removeprefix(prefix)
+                groups[part][name] = tensor
+                origin[(part, name)] = key
                 break
         else:
             leftovers.append(key)
-    return groups, leftovers
+    return groups, origin, leftovers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +232,9 @@ def import_vision_llm(vision_dir, llm_dir, *, select_layer: int = -2, image_toke
     init_parameters(projector, seed, prefix="projector.")
     projector_dtype = next(iter(language.values())).dtype
     projector = {k: v.to(projector_dtype) for k, v in projector.state_dict().items()}
-    tensors, unused = assemble(config, vision, projector, language, f"{vision_dir} + {llm_dir}")
+    origin = {("vision", k): f"{vision_dir.name}/{k}" for k in vision}
+    origin.update({("language", k): f"{llm_dir.name}/{k}" for k in language})
+    tensors, unused = assemble(config, vision, projector, language, f"{vision_dir} + {llm_dir}", origin)
     return config, _cast(tensors, dtype), _cast(unused, dtype)
 
 
@@ -251,16 +262,15 @@ def import_llava(llava_dir, *, dtype: torch.dtype | None = None):
     config.validate()
     weights = read_safetensors_dir(llava_dir)
     current = any(k.startswith("model.language_model.") for k in weights)
-    prefixes = ({"model.vision_tower.": "vision", "model.multi_modal_projector.": "projector",
-                 "model.language_model.": "language_body", "lm_head.": "language_head"} if current else
-                {"vision_tower.": "vision", "multi_modal_projector.": "projector", "language_model.": "language"})
-    groups, leftovers = _split(weights, prefixes)
+    prefixes = ({"model.vision_tower.": ("vision", ""), "model.multi_modal_projector.": ("projector", ""),
+                 "model.language_model.": ("language", "model."), "lm_head.": ("language", "lm_head.")}
+                if current else
+                {"vision_tower.": ("vision", ""), "multi_modal_projector.": ("projector", ""),
+                 "language_model.": ("language", "")})
+    groups, origin, leftovers = _split(weights, prefixes)
     if leftovers:
         raise CheckpointError(f"{source}: unexpected tensors {sorted(leftovers)[:10]}")
-    language = groups.get("language", {})
-    language.update({"model." + k: v for k, v in groups.get("language_body", {}).items()})
-    language.update({"lm_head." + k: v for k, v in groups.get("language_head", {}).items()})
-    tensors, unused = assemble(config, groups["vision"], groups["projector"], language, source)
+    tensors, unused = assemble(config, groups["vision"], groups["projector"], groups["language"], source, origin)
     return config, _cast(tensors, dtype), _cast(unused, dtype)
 
 
@@ -282,7 +292,10 @@ def import_llava_next(ref_dir, *, vision_config: str | os.PathLike | None = None
     weights = read_safetensors_dir(ref_dir)
     for key in IGNORED_REFERENCE_TENSORS:
         weights.pop(key, None)
-    groups, _ = _split(weights, {"model.vision_tower.vision_tower.": "vision", "model.mm_projector.": "projector"})
+    groups, origin, _ = _split(weights, {
+        "model.vision_tower.vision_tower.": ("vision", ""), "model.mm_projector.0.": ("projector", "linear_1."),
+        "model.mm_projector.2.": ("projector", "linear_2."), "model.mm_projector.": ("projector", ""),
+        "": ("language", "")})
     if not groups["vision"]:
         raise CheckpointError(f"{source}: no model.vision_tower.vision_tower.* tensors; not a LLaVA-NeXT/PIVOT "
                               f"checkpoint with its vision tower saved")
@@ -300,12 +313,7 @@ def import_llava_next(ref_dir, *, vision_config: str | os.PathLike | None = None
     config = ModelConfig(vision=vision, language=language_config_from_hf(hf | {"model_type": "qwen2"}, source),
                          image_token_id=_resolve_image_token(image_token_id, ref_dir, source))
     config.validate()
-    projector = {k.replace("0.", "linear_1.", 1) if k.startswith("0.") else
-                 k.replace("2.", "linear_2.", 1) if k.startswith("2.") else k: v
-                 for k, v in groups["projector"].items()}
-    language = {k: v for k, v in weights.items()
-                if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
-    tensors, unused = assemble(config, groups["vision"], projector, language, source)
+    tensors, unused = assemble(config, groups["vision"], groups["projector"], groups["language"], source, origin)
     return config, _cast(tensors, dtype), _cast(unused, dtype)
 
 
