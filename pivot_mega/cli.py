@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import torch
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models.checkpoint_io import CheckpointError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "convert":
             _run_convert(args)

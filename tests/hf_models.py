@@ -1,4 +1,4 @@
-"""Tiny random transformers models for parity tests (built in code, saved locally; no hub)."""
+"""Tiny random models for tests: transformers references and our own (built in code; no hub)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from transformers import (LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
+
+from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
+from pivot_mega.models import VisionLanguageModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +143,23 @@ def write_tokenizer_json(directory: Path, image_token: str, image_token_id: int)
         {"id": image_token_id, "content": image_token, "special": True, "single_word": False,
          "lstrip": False, "rstrip": False, "normalized": False}]}
     (directory / "tokenizer.json").write_text(json.dumps(data))
+
+
+def tiny_model(seed, attention_backend="sdpa", **overrides):
+    """Our MLLM built from a config (no HF involved), every tensor random; → (model, case)."""
+    case = Case("tiny", heads=4, kv_heads=2, hidden=32, intermediate=72)
+    config = ModelConfig(
+        vision=VisionConfig(hidden_size=case.vision_hidden, intermediate_size=case.vision_intermediate,
+                            num_hidden_layers=case.vision_layers, num_attention_heads=case.vision_heads,
+                            image_size=case.image_size, patch_size=case.patch_size, select_layer=-2),
+        language=LanguageConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+                                num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                                num_key_value_heads=case.kv_heads, rope_theta=case.rope_theta,
+                                tie_word_embeddings=False),
+        image_token_id=case.image_token_id, attention=attention_backend, **overrides)
+    model = VisionLanguageModel(config).init_weights(seed)
+    with torch.no_grad():  # norms and biases off their init values so they take part in the check
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval(), case

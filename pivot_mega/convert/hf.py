@@ -13,19 +13,21 @@ table maps those to our names, so every format shares the same checks and messag
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig, from_dict
+from ..config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig, from_dict, load_yaml
 from ..models.mllm import init_parameters
 from ..models.projector import Projector
 from ..models.checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, check_tensors, expected_shapes,
                                     read_checkpoint, read_safetensors_dir, write_checkpoint,
                                     write_safetensors_dir)
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -100,7 +102,7 @@ def load_vision_config_file(path: str | os.PathLike, select_layer: int) -> Visio
     if path.is_dir():
         path = path / "config.json"
     if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path)
         data.setdefault("select_layer", select_layer)
         return from_dict(VisionConfig, data, where=str(path))
     return vision_config_from_hf(_read_json(path), select_layer, str(path))
@@ -291,7 +293,8 @@ def import_llava_next(ref_dir, *, vision_config: str | os.PathLike | None = None
                               f"(only mlp2x_gelu)")
     weights = read_safetensors_dir(ref_dir)
     for key in IGNORED_REFERENCE_TENSORS:
-        weights.pop(key, None)
+        if weights.pop(key, None) is not None:
+            log.info("%s: not imported: %s (used only by any-res image layouts)", source, key)
     groups, origin, _ = _split(weights, {
         "model.vision_tower.vision_tower.": ("vision", ""), "model.mm_projector.0.": ("projector", "linear_1."),
         "model.mm_projector.2.": ("projector", "linear_2."), "model.mm_projector.": ("projector", ""),

@@ -175,7 +175,7 @@ def test_full_two_tower_siglip_dir(tmp_path, seed):
         assert rel_err(model.vision(pixels), theirs) <= TOL
 
 
-def test_llava_next_reference_checkpoint(tmp_path, seed):
+def test_llava_next_reference_checkpoint(tmp_path, seed, caplog):
     hf = make_llava(CASE, seed)
     hf.save_pretrained(tmp_path / "llava")
     _reference_layout(tmp_path / "llava", tmp_path / "ref", CASE)
@@ -183,13 +183,15 @@ def test_llava_next_reference_checkpoint(tmp_path, seed):
         import_hf(tmp_path / "x", llava_next=tmp_path / "ref")
     # The tower shape from an HF SigLIP config.json ...
     (tmp_path / "siglip.json").write_text(json.dumps(hf.config.vision_config.to_dict()))
-    import_hf(tmp_path / "a", llava_next=tmp_path / "ref", vision_config=tmp_path / "siglip.json")
+    with caplog.at_level("INFO"):
+        import_hf(tmp_path / "a", llava_next=tmp_path / "ref", vision_config=tmp_path / "siglip.json")
+    assert "not imported: model.image_newline" in caplog.text
     # ... or from one of our YAML presets.
     v = hf.config.vision_config
     (tmp_path / "siglip.yaml").write_text(
         f"hidden_size: {v.hidden_size}\nintermediate_size: {v.intermediate_size}\nnum_hidden_layers: "
         f"{v.num_hidden_layers}\nnum_attention_heads: {v.num_attention_heads}\nimage_size: {v.image_size}\n"
-        f"patch_size: {v.patch_size}\n")
+        f"patch_size: {v.patch_size}\nlayer_norm_eps: 1e-6\n")
     import_hf(tmp_path / "b", llava_next=tmp_path / "ref", vision_config=tmp_path / "siglip.yaml")
     config, a, unused = read_checkpoint(tmp_path / "a")
     _, b, _ = read_checkpoint(tmp_path / "b")
@@ -230,7 +232,7 @@ def test_siglip_export_is_the_whole_encoder(tmp_path, seed):
 def test_fresh_model_export_loads_in_transformers(tmp_path, seed):
     """A model built from a config (no unused layers) exports with feature layer -1 and matches."""
     from pivot_mega.models.checkpoint_io import save_model
-    from tests.models.test_attention import tiny_model
+    from tests.hf_models import tiny_model
 
     model, case = tiny_model(seed)
     save_model(model, tmp_path / "ckpt")

@@ -3,32 +3,12 @@
 import pytest
 import torch
 
-from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
-from pivot_mega.models import AttentionBackendError, PackedSeqs, VisionLanguageModel, available_backends
+from pivot_mega.models import AttentionBackendError, PackedSeqs, available_backends
 from pivot_mega.models.layers import attention, reference_attention, resolve_backend
-from tests.hf_models import Case, mllm_inputs, rel_err
+from tests.hf_models import mllm_inputs, rel_err, tiny_model
 
 TOL = 1e-5
 CPU_BACKENDS = available_backends("cpu")
-
-
-def tiny_model(seed, attention_backend="sdpa", **overrides):
-    case = Case("tiny", heads=4, kv_heads=2, hidden=32, intermediate=72)
-    config = ModelConfig(
-        vision=VisionConfig(hidden_size=case.vision_hidden, intermediate_size=case.vision_intermediate,
-                            num_hidden_layers=case.vision_layers, num_attention_heads=case.vision_heads,
-                            image_size=case.image_size, patch_size=case.patch_size, select_layer=-2),
-        language=LanguageConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
-                                num_hidden_layers=case.layers, num_attention_heads=case.heads,
-                                num_key_value_heads=case.kv_heads, rope_theta=case.rope_theta,
-                                tie_word_embeddings=False),
-        image_token_id=case.image_token_id, attention=attention_backend, **overrides)
-    model = VisionLanguageModel(config).init_weights(seed)
-    with torch.no_grad():  # norms and biases off their init values so they take part in the check
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval(), case
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

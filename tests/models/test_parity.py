@@ -5,13 +5,9 @@ import torch
 
 from pivot_mega.convert.hf import import_hf
 from pivot_mega.models import ImageTokenMismatchError, VisionLanguageModel
-from tests.hf_models import CASES, make_llava, make_qwen2, make_siglip, mllm_inputs, record, rel_err
+from tests.hf_models import CASES, make_llava, make_qwen2, make_siglip, mllm_inputs, record, rel_err, tiny_model
 
 TOL = 1e-5
-
-
-def _hf_hidden_index(case):
-    return case.feature_layer
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -74,8 +70,6 @@ def test_mllm_matches_llava(case, tmp_path, seed):
 
 
 def test_image_token_count_mismatch_is_a_clear_error(seed):
-    from tests.models.test_attention import tiny_model
-
     model, case = tiny_model(seed)
     ids, pixels = mllm_inputs(case, seed, images_per_row=(1, 1))
     with pytest.raises(ImageTokenMismatchError, match=r"hold 2?\d* image tokens .* 3 image\(s\)"):
