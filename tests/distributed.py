@@ -12,8 +12,11 @@ A failing rank's traceback is raised in the test with its rank; a rank that hang
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import pytest
@@ -39,7 +42,11 @@ def _entry(rank, world_size, port, fn, args, queue, threads):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Bytes, not tensors: a tensor put on the queue is shared by file descriptor and is gone once this
+        # process exits. Results are tensors, numbers, strings and containers of them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,18 +65,30 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
+    grace_end = deadline
     try:
-        for _ in range(world_size):
+        while len(results) + len(errors) < world_size:
+            if errors and time.monotonic() > grace_end:
+                break  # the other ranks are likely stuck in a collective with a failed one
             try:
-                rank, status, payload = queue.get(timeout=timeout)
-            except Exception as e:  # queue.Empty
-                raise WorkerError(f"{fn.__name__}: no answer from ranks "
-                                  f"{sorted(set(range(world_size)) - set(results))} within {timeout:.0f} s") from e
+                rank, status, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if errors:
+                    continue
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise WorkerError(f"{fn.__name__}: rank(s) {dead} died (exit codes "
+                                      f"{[procs[r].exitcode for r in dead]}) without reporting") from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"{fn.__name__}: no answer from ranks "
+                                      f"{sorted(set(range(world_size)) - set(results))} within {timeout:.0f} s") from None
+                continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
             else:
                 errors.append(f"rank {rank} of {world_size} failed:\n{payload}")
-                break  # the other ranks are likely stuck in a collective with the failed one
+                grace_end = time.monotonic() + 5.0  # the first error may be another rank's consequence
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
@@ -77,7 +96,9 @@ def run_workers(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 p.kill()
                 p.join()
     if errors:
-        raise WorkerError("\n".join(errors))
+        silent = [f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs)
+                  if r not in results and not any(e.startswith(f"rank {r} ") for e in errors)]
+        raise WorkerError("\n".join(errors + ([f"no report from: {', '.join(silent)}"] if silent else [])))
     return [results[r] for r in range(world_size)]
 
 

@@ -47,6 +47,21 @@ class PackedSeqs:
         cu = torch.tensor([0] + flat, dtype=torch.int64).cumsum(0).to(torch.int32)
         return PackedSeqs(cu_seqlens=cu.to(device) if device is not None else cu, max_seqlen=max(flat))
 
+    @staticmethod
+    def from_position_ids(position_ids: torch.Tensor) -> "PackedSeqs":
+        """Layout of ``[B, S]`` positions that restart at 0 where each sample starts (every row must
+        start a sample); a plain batch (positions 0..S-1 per row) gives one segment per row."""
+        flat = position_ids.reshape(-1)
+        starts = torch.nonzero(flat == 0).flatten()
+        seqlen = position_ids.shape[-1]
+        row_starts = torch.arange(position_ids.shape[0], device=flat.device) * seqlen
+        if not torch.isin(row_starts, starts).all():
+            raise ValueError(f"packed position_ids must start every row at 0 (a new sample); got rows starting "
+                             f"with {position_ids[:, 0].tolist()} ({position_ids.dtype})")
+        end = torch.tensor([flat.numel()], device=flat.device)
+        cu = torch.cat([starts, end]).to(torch.int32)
+        return PackedSeqs(cu_seqlens=cu, max_seqlen=int(cu.diff().max()))
+
     def segment_ids(self, batch: int, seqlen: int) -> torch.Tensor:
         """``[B, S]`` index of the segment each token belongs to."""
         total = batch * seqlen

@@ -45,25 +45,8 @@ class VisionLanguageModel(nn.Module):
         return self.projector(self.vision(pixel_values))
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings ``[B, S, H]`` with image features written over the image-token positions.
-
-        Images fill image-token positions in reading order (row by row, left to right).
-        """
-        embeds = self.language.embed_tokens(input_ids)
-        is_image = input_ids == self.config.image_token_id
-        num_slots = int(is_image.sum())
-        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
-        if num_slots != num_features:
-            images = 0 if image_features is None else image_features.shape[0]
-            per_image = self.config.num_image_tokens if image_features is None else image_features.shape[1]
-            raise ImageTokenMismatchError(
-                f"input_ids hold {num_slots} image tokens (id {self.config.image_token_id}) but "
-                f"{images} image(s) x {per_image} tokens = {num_features} features were given; "
-                f"each image needs exactly {per_image} image tokens")
-        if num_features == 0:
-            return embeds
-        features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        return embeds.masked_scatter(is_image[..., None], features)
+        """Token embeddings ``[B, S, H]`` with image features written over the image-token positions."""
+        return embed_with_images(self.language.embed_tokens, input_ids, image_features, self.config)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -102,26 +85,52 @@ class VisionLanguageModel(nn.Module):
         return self
 
 
+def embed_with_images(embed_tokens: nn.Module, input_ids: torch.Tensor, image_features: torch.Tensor | None,
+                      config: ModelConfig) -> torch.Tensor:
+    """Token embeddings ``[B, S, H]`` with ``image_features [N_img, T, H]`` written over the image tokens.
+
+    Images fill image-token positions in reading order (row by row, left to right).
+    """
+    embeds = embed_tokens(input_ids)
+    is_image = input_ids == config.image_token_id
+    num_slots = int(is_image.sum())
+    num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+    if num_slots != num_features:
+        images = 0 if image_features is None else image_features.shape[0]
+        per_image = config.num_image_tokens if image_features is None else image_features.shape[1]
+        raise ImageTokenMismatchError(
+            f"input_ids hold {num_slots} image tokens (id {config.image_token_id}) but "
+            f"{images} image(s) x {per_image} tokens = {num_features} features were given; "
+            f"each image needs exactly {per_image} image tokens")
+    if image_features is None:
+        return embeds
+    # Scattered even when there are no images (N_img = 0): the vision tower then stays in the autograd
+    # graph, so data-parallel ranks run the same collectives whether or not a micro-batch has images.
+    features = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return embeds.masked_scatter(is_image[..., None], features)
+
+
 @torch.no_grad()
 def init_parameters(module: nn.Module, seed: int, prefix: str = "") -> None:
-    """Random init, each tensor from a generator seeded by (seed, full parameter name).
+    """Random init of every parameter of ``module`` (``prefix`` gives its names in the whole model)."""
+    for local_name, param in module.named_parameters():
+        param.copy_(initial_value(module, local_name, prefix + local_name, tuple(param.shape), seed))
+
+
+def initial_value(module: nn.Module, local_name: str, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The full initial value of parameter ``name``, drawn from a generator seeded by (seed, name).
 
     Seeding per name makes the model independent of how parameters are later sharded or which rank
-    materialises them (``prefix`` gives a submodule's names as the whole model sees them).
-    Linear/conv/embedding weights ~ N(0, 0.02), biases 0, norms 1; the projector uses PyTorch's
-    default Linear init (U(+-1/sqrt(fan_in))), as LLaVA's fresh projector does.
+    materialises them. Linear/conv/embedding weights ~ N(0, 0.02), biases 0, norms 1; the projector
+    uses PyTorch's default Linear init (U(+-1/sqrt(fan_in))), as LLaVA's fresh projector does.
     """
-    for local_name, param in module.named_parameters():
-        name = prefix + local_name
-        gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-        owner, leaf = local_name.rsplit(".", 1)
-        if name.startswith("projector."):
-            bound = 1.0 / math.sqrt(module.get_submodule(owner).in_features)
-            value = torch.empty(param.shape).uniform_(-bound, bound, generator=gen)
-        elif "norm" in owner:
-            value = torch.ones(param.shape) if leaf == "weight" else torch.zeros(param.shape)
-        elif leaf == "bias":
-            value = torch.zeros(param.shape)
-        else:
-            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=gen)
-        param.copy_(value)
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    owner, leaf = local_name.rsplit(".", 1)
+    if name.startswith("projector."):
+        bound = 1.0 / math.sqrt(module.get_submodule(owner).in_features)
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    if "norm" in owner:
+        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    return torch.empty(shape).normal_(0.0, 0.02, generator=gen)

@@ -66,8 +66,9 @@ class Qwen2LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, attention_backend) for _ in range(config.num_hidden_layers))
+        # Keyed by layer index: a pipeline stage keeps a subset and every name stays the checkpoint's.
+        self.layers = nn.ModuleDict(
+            {str(i): Qwen2DecoderLayer(config, attention_backend) for i in range(config.num_hidden_layers)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
@@ -89,12 +90,20 @@ class Qwen2LanguageModel(nn.Module):
         if position_ids is None:
             position_ids = (packed.position_ids(batch, seqlen) if packed is not None else
                             torch.arange(seqlen, device=inputs_embeds.device).expand(batch, seqlen))
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = maybe_checkpoint(layer, i, self.activation_checkpointing, self.checkpoint_every,
-                                 x, cos, sin, packed)
+        cos, sin = self.rope(position_ids)
+        x = self.forward_layers(inputs_embeds, cos, sin, packed)
         return self.norm(x)
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+
+    def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       packed: PackedSeqs | None) -> torch.Tensor:
+        """Runs the decoder layers this module holds (all of them, or a pipeline stage's share)."""
+        for key, layer in self.layers.items():
+            x = maybe_checkpoint(layer, int(key), self.activation_checkpointing, self.checkpoint_every,
+                                 x, cos, sin, packed)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[..., H]`` → logits ``[..., V]``."""

@@ -54,12 +54,16 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seqlen, _ = x.shape
-        shape = (batch, seqlen, -1, self.head_dim)
-        q, k, v = (proj(x).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (_heads(proj(x), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # Every image has the same number of patches, so the tower never needs a packed layout.
         out = attention(q, k, v, causal=False, backend="sdpa" if self.backend == "auto" else self.backend)
-        return self.out_proj(out.reshape(batch, seqlen, -1))
+        return self.out_proj(out.flatten(2))
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[N, S, h * D]`` → ``[N, S, h, D]``; h from the width (a tensor-parallel rank has fewer heads),
+    not -1, so an empty batch of images reshapes too."""
+    return x.view(*x.shape[:-1], x.shape[-1] // head_dim, head_dim)
 
 
 class SiglipMLP(nn.Module):
