@@ -6,6 +6,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+DALI = 'nvidia-dali-cuda120==2.4.0; sys_platform == "linux"'
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "pivot_mega" / "__init__.py").read_text(),
                     re.MULTILINE).group(1)
 
@@ -24,21 +25,34 @@ setup(
         "transformers==5.23.0",
         "safetensors==0.8.0",
         "pyyaml==6.0.3",
-        "numpy==2.4.6",
+        # < 2.4: Triton 3.6's CPU interpreter (the kernel tests) fails on numpy 2.4's stricter
+        # array-to-scalar conversion.
+        "numpy==2.3.5",
         "tqdm==4.70.1",
+        # Data: shards are written with webdataset's TarWriter; images are verified, and decoded by
+        # the python backend, with Pillow.
+        "webdataset==1.0.2",
+        "pillow==13.0.0",
     ],
     extras_require={
         "test": [
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
             "pytest-timeout==2.4.0",
+            # The Triton kernels (kernels/) are tested on CPU in Triton's interpreter, at the version
+            # the GPU runs use with torch 2.11. CUDA builds of torch bring their own triton.
+            "triton==3.6.0",
+            # DALI runs its CPU pipelines without a GPU: the tests compare its pixels with the python
+            # backend's. Linux wheels only; elsewhere those tests skip.
+            DALI,
         ],
-        # Optional GPU packages. triton 3.7.1 is the version torch 2.13.0's CUDA wheels require; on
-        # another torch, keep the triton that came with it. flash-attn, Transformer Engine and DALI
+        # Optional GPU packages. Not triton: every CUDA build of torch requires the triton it was built
+        # with, and a second pin here could only conflict with it. flash-attn and Transformer Engine
         # are not listed: they come with NGC PyTorch containers (or need a CUDA-specific install).
+        # DALI (data.backend: dali, decode_device: mixed) is the CUDA 12 build.
         "gpu": [
-            "triton==3.7.1",
             "liger-kernel==0.8.5",
+            DALI,
         ],
     },
     entry_points={"console_scripts": ["pivot-mega = pivot_mega.cli:main"]},

@@ -62,8 +62,8 @@ class PackedSeqs:
         cu = torch.cat([starts, end]).to(torch.int32)
         return PackedSeqs(cu_seqlens=cu, max_seqlen=int(cu.diff().max()))
 
-    def segment_ids(self, batch: int, seqlen: int) -> torch.Tensor:
-        """``[B, S]`` index of the segment each token belongs to."""
+    def validate(self, batch: int, seqlen: int) -> "PackedSeqs":
+        """Checks the layout against a ``[B, S]`` batch (host syncs: call once per forward, not per layer)."""
         total = batch * seqlen
         cu = self.cu_seqlens.to(torch.int64)
         if cu[0].item() != 0 or cu[-1].item() != total:
@@ -73,9 +73,14 @@ class PackedSeqs:
         row_ends = torch.arange(1, batch + 1, device=cu.device) * seqlen
         if not torch.isin(row_ends, cu).all():
             raise ValueError(f"a segment crosses a row boundary: cu_seqlens {cu.tolist()}, row length {seqlen}")
-        lengths = cu.diff()
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), lengths)
-        return ids.view(batch, seqlen)
+        return self
+
+    def segment_ids(self, batch: int, seqlen: int) -> torch.Tensor:
+        """``[B, S]`` index of the segment each token belongs to (tensor ops only: no host sync, so
+        compiled blocks need no graph break)."""
+        tokens = torch.arange(batch * seqlen, device=self.cu_seqlens.device)
+        ends = self.cu_seqlens[1:].to(torch.int64)
+        return torch.searchsorted(ends, tokens, right=True).view(batch, seqlen)
 
     def position_ids(self, batch: int, seqlen: int) -> torch.Tensor:
         """``[B, S]`` positions restarting at 0 in every segment."""

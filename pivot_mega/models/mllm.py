@@ -63,7 +63,7 @@ class VisionLanguageModel(nn.Module):
         if cu_seqlens is not None:
             if max_seqlen is None:
                 max_seqlen = int(cu_seqlens.diff().max())
-            packed = PackedSeqs(cu_seqlens, max_seqlen)
+            packed = PackedSeqs(cu_seqlens, max_seqlen).validate(*input_ids.shape)
         features = self.encode_images(pixel_values) if pixel_values is not None else None
         hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
         return hidden if return_hidden else self.language.logits(hidden)

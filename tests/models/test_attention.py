@@ -29,10 +29,16 @@ def test_backends_match_reference_attention(backend, causal, groups, seed):
 def test_packed_layout_checks():
     packed = PackedSeqs.from_lengths([[3, 5], [8]])
     assert packed.position_ids(2, 8).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
+    assert packed.segment_ids(2, 8).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [2] * 8]
     with pytest.raises(ValueError, match="crosses a row boundary"):
-        PackedSeqs(torch.tensor([0, 3, 10, 16], dtype=torch.int32), 7).segment_ids(2, 8)
+        PackedSeqs(torch.tensor([0, 3, 10, 16], dtype=torch.int32), 7).validate(2, 8)
     with pytest.raises(ValueError, match="from 0 to B\\*S=16"):
-        PackedSeqs(torch.tensor([0, 3, 8], dtype=torch.int32), 5).segment_ids(2, 8)
+        PackedSeqs(torch.tensor([0, 3, 8], dtype=torch.int32), 5).validate(2, 8)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PackedSeqs(torch.tensor([0, 8, 8, 16], dtype=torch.int32), 8).validate(2, 8)
+    assert PackedSeqs.from_position_ids(packed.position_ids(2, 8)).cu_seqlens.tolist() == [0, 3, 8, 16]
+    with pytest.raises(ValueError, match="must start every row at 0"):
+        PackedSeqs.from_position_ids(torch.tensor([[0, 1, 2], [3, 0, 1]]))
 
 
 def test_gpu_only_backends_fail_clearly_on_cpu():
