@@ -29,7 +29,7 @@ from .tensor_parallel import apply_tensor_parallel
 
 __all__ = [
     "IGNORE_INDEX", "LaunchEnv", "Layout", "MicroBatch", "ParallelConfig", "ParallelDims", "ParallelModel",
-    "build_mesh", "detect_launch", "head_shard", "init_distributed", "lm_loss", "parallelize", "resolve_layout",
+    "build_mesh", "copy_full_value", "detect_launch", "head_shard", "init_distributed", "lm_loss", "parallelize", "resolve_layout",
     "stage_layer_ranges", "token_logprobs",
 ]
 
@@ -161,11 +161,18 @@ def _compile_blocks(module: nn.Module) -> None:
 def materialize(module: nn.Module, seed: int) -> None:
     """Fills each parameter (plain, TP- or FSDP-sharded) with its slice of the single-process init."""
     for name, param in module.named_parameters():
-        full = initial_value(module, name, name, tuple(param.shape), seed)
-        if isinstance(param, DTensor):
-            # Every rank computes the same full value, so no rank needs to send it (src_data_rank=None).
-            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
-                                      src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full)
+        copy_full_value(param, initial_value(module, name, name, tuple(param.shape), seed))
+
+
+@torch.no_grad()
+def copy_full_value(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Writes this rank's slice of the whole value ``full`` into ``target`` (plain, TP- or FSDP-sharded).
+
+    Every rank holds ``full``, so no rank needs to send it (``src_data_rank=None``): each takes its slice.
+    """
+    if isinstance(target, DTensor):
+        local = distribute_tensor(full.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                  target.placements, src_data_rank=None).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(full)

@@ -42,7 +42,9 @@ def test_logits_up_to_1e4_stay_finite_and_accurate(dtype, seed):
     case = make_case(seed, 33, 40, 150, dtype, max_logit=1e4)
     got = run(case, impl="chunked", token_chunk=8, vocab_chunk=32)
     expected = reference(case)
-    assert expected.logprob[-1] < -1e4  # the planted bottom-logit label
+    # The planted bottom-logit label: far below anything fp32 exp() could represent. Its row's logit range
+    # is a random share of 2 x 1e4 (-6.8e3 to -2.0e4 over 600 seeds), so the bound is 5e3, not 1e4.
+    assert expected.logprob[-1] < -5e3
     assert torch.isfinite(got.logprob).all() and torch.isfinite(got.grad_hidden).all()
     assert_close(got, case, expected)
 
