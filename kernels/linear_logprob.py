@@ -366,19 +366,25 @@ CHUNKED = Backend("chunked", logit_stats, logit_grads, token_chunk=2048, vocab_c
 # Naive implementation (tests and benchmarks): the full [N, V] logits, plain autograd.
 
 
-class _CopyToVocabShards(torch.autograd.Function):
-    """Identity forward; backward sums the hidden gradient's shares over the TP group."""
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (Megatron's "copy to the
+    tensor-parallel region"): each rank's use of a replicated input contributes a share of its gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, tp_group):
-        ctx.tp_group = tp_group
-        return hidden.view_as(hidden)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.tp_group)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def sum_grad_over_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x`` unchanged; its gradient is summed over ``group`` in backward."""
+    return _SumGradOverGroup.apply(x, group)
 
 
 class _GatherVocabShards(torch.autograd.Function):
@@ -409,7 +415,7 @@ def naive_linear_logprob(hidden, weight, labels, *, tp_group=None, ignore_index=
     dtype = _compute_dtype(hidden.dtype)
     split = tp_group is not None and dist.get_world_size(tp_group) > 1
     if split:
-        hidden = _CopyToVocabShards.apply(hidden, tp_group)
+        hidden = sum_grad_over_group(hidden, tp_group)
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if split:
         logits = _GatherVocabShards.apply(logits, tp_group)

@@ -11,30 +11,15 @@ vocab-parallel (``pivot_mega.parallel.loss``), never gathering ``[N, V]`` logits
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
                                                PrepareModuleOutput, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
+from kernels.linear_logprob import sum_grad_over_group
+
 from ..models.mllm import VisionLanguageModel
-
-
-class _ReduceInBackward(torch.autograd.Function):
-    """Identity forward; all-reduce (sum) of the gradient over the group in backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 class ReplicatedKVHeads(ParallelStyle):
@@ -59,7 +44,7 @@ class ReplicatedKVHeads(ParallelStyle):
             return tuple(a.to_local() if isinstance(a, DTensor) else a for a in args)
 
         def keep_own_head(mod, args, out):
-            return _ReduceInBackward.apply(out, group)[..., columns]
+            return sum_grad_over_group(out, group)[..., columns]
 
         module.register_forward_pre_hook(to_local_input)
         module.register_forward_hook(keep_own_head)
