@@ -1,11 +1,10 @@
 """FLOP accounting vs torch's FlopCounterMode on a real forward/backward; MFU arithmetic."""
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pivot_mega.models.layers import PackedSeqs
 from kernels import linear_logprob
+from pivot_mega.models.layers import PackedSeqs
 from pivot_mega.profiling import ThroughputMeter, attended_pairs, forward_flops, peak_tflops, step_flops
 from tests.parallel.test_equivalence import make_batch, split, tiny_config
 
