@@ -50,25 +50,18 @@ def _levels(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max() * 127.5)
 
 
-def test_python_backend_matches_the_reference_resampler(seed):
+@pytest.mark.parametrize("decoder, tolerance", [
+    (PillowDecoder, 0.01),
+    pytest.param(DaliDecoder, 0.05, marks=needs_dali),
+], ids=["python", "dali"])
+def test_backend_matches_the_reference_resampler(decoder, tolerance, seed):
     rng = np.random.default_rng(seed)
     size = int(rng.choice([32, 96, 384]))
     images = _images(rng)
-    out = PillowDecoder(size, num_threads=2)(images)
+    out = decoder(size, num_threads=2)(images)
     assert out.shape == (len(images), 3, size, size) and out.dtype == torch.float32
     for k, data in enumerate(images):
-        assert _levels(out[k], reference(data, size)) < 0.01, k
-
-
-@needs_dali
-def test_dali_backend_matches_the_reference_resampler(seed):
-    rng = np.random.default_rng(seed)
-    size = int(rng.choice([32, 96, 384]))
-    images = _images(rng)
-    out = DaliDecoder(size, num_threads=2)(images)
-    assert out.shape == (len(images), 3, size, size) and out.dtype == torch.float32
-    for k, data in enumerate(images):
-        assert _levels(out[k], reference(data, size)) < 0.05, k
+        assert _levels(out[k], reference(data, size)) < tolerance, k
 
 
 @needs_dali
