@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -119,29 +120,35 @@ def _run_data(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined next to the code they run. Each module's ``register(sub)`` adds its subparsers and
+# returns {command name: run(args) -> exit code}; it imports nothing heavy until a command runs.
+COMMAND_MODULES = (
+)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="pivot-mega", description="PIVOT MLLM training system")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_data(sub)
-    return parser
+    runners = {"convert": _run_convert, "data": _run_data}
+    for name in COMMAND_MODULES:
+        runners.update(importlib.import_module(name).register(sub))
+    return parser, runners
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .models.checkpoint_io import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.command == "convert":
-            _run_convert(args)
-        elif args.command == "data":
-            return _run_data(args)
+        return runners[args.command](args) or 0
     except (CheckpointError, ConfigError) as e:
         print(f"pivot-mega {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
