@@ -33,13 +33,14 @@ from collections import Counter
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from .config import DataConfig
 from .images import make_image_decoder
 from .packing import PackedBatch, build_micro_batch, plan_window
 from .shards import ShardSet
 from .sources import DataError
-from .templates import LoadSkip, TextEncoder, Unit
+from .templates import IGNORE_INDEX, LoadSkip, TextEncoder, Unit
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class DataCounters:
     label_tokens: int = 0
     padding_tokens: int = 0
     images: int = 0
+    replayed_steps: int = 0  # loader steps taken twice after resuming on another world size
 
     @property
     def padding_fraction(self) -> float:
@@ -195,6 +197,11 @@ class PackedDataLoader:
             for s in range(step, len(window.steps)):
                 batch = self._materialize(window.steps[s][self.rank])
                 batch.epoch = epoch
+                units = [unit for rows in window.steps[s] for row in rows for unit in row]
+                batch.global_samples = len(units)
+                batch.global_tokens = sum(unit.length for unit in units)
+                batch.global_label_tokens = sum(int((seq.labels != IGNORE_INDEX).sum())
+                                                for unit in units for seq in unit.sequences)
                 yield batch, _Position(epoch, cursor, carry, s + 1), pending_skips, pending_read
                 pending_skips, pending_read = [], 0
                 epoch_batches += 1
@@ -221,13 +228,13 @@ class PackedDataLoader:
 
     def _materialize(self, rows: list[list[Unit]]) -> PackedBatch:
         batch = build_micro_batch(rows, self.config.max_seq_len, self.encoder.pad_token_id)
+        # A DPO pair shows its image to both sequences: decoded once, indexed twice.
         unique = list(dict.fromkeys(batch.image_refs))
         pixels = self.decoder([self.shards.image_bytes(index, member) for index, member in unique])
-        if len(unique) == len(batch.image_refs):
-            batch.pixel_values = pixels
-        else:  # a DPO pair shows its image to both sequences: decode once, index twice
-            where = {ref: k for k, ref in enumerate(unique)}
-            batch.pixel_values = pixels[[where[ref] for ref in batch.image_refs]]
+        where = {ref: k for k, ref in enumerate(unique)}
+        batch.images = pixels
+        batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
+        batch.pixel_values = pixels if len(unique) == len(batch.image_refs) else pixels[batch.image_index]
         return batch
 
     # ------------------------------------------------------------------------------------------
@@ -241,18 +248,32 @@ class PackedDataLoader:
                 "epoch": p.epoch, "cursor": p.cursor, "carry": list(p.carry), "step": p.step,
                 "counters": self.counters.as_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continues after the micro-batch the state was taken at; call before iterating."""
+    def load_state_dict(self, state: dict, *, allow_new_world_size: bool = False) -> None:
+        """Continues after the micro-batch the state was taken at; call before iterating.
+
+        The plan depends on the number of data-parallel ranks, so only the same world size resumes
+        exactly. With ``allow_new_world_size`` a state from another world size restarts the window
+        it was in (same epoch order, same carried samples): the steps of that window already taken
+        are taken again, which is logged (``counters.replayed_steps``), and nothing is skipped.
+        """
         expected = {"version": STATE_VERSION, "shards": self.shards.fingerprint, "seed": self.config.seed,
                     "shuffle": self.config.shuffle, "world_size": self.world_size, "layout": self._layout()}
         wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if wrong:
+        new_world = allow_new_world_size and set(wrong) == {"world_size"}
+        if wrong and not new_world:
             details = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in wrong.items())
             raise DataError(f"data loader state does not match this run ({details}); an exact resume needs the "
                             f"same shards, seed, world size and packing layout")
         self._stop_prefetch()
-        self._position = _Position(state["epoch"], state["cursor"], tuple(state["carry"]), state["step"])
+        step = state["step"]
         self.counters = DataCounters.from_dict(state["counters"])
+        if new_world:
+            log.warning("data: resuming on %d data-parallel rank(s) instead of %d: the packing window at "
+                        "sample %d of epoch %d restarts, so its first %d step(s) are taken again",
+                        self.world_size, state["world_size"], state["cursor"], state["epoch"], step)
+            self.counters.replayed_steps += step
+            step = 0
+        self._position = _Position(state["epoch"], state["cursor"], tuple(state["carry"]), step)
         self._generation += 1
 
     def _layout(self) -> dict:

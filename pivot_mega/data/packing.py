@@ -101,11 +101,17 @@ class PackedBatch:
     cu_seqlens: int32 ``[K + 1]`` segment boundaries over the flattened ``R * S`` tokens; max_seqlen.
     pixel_values: float32 ``[N_img, 3, H, W]``, SigLIP-normalised, images in reading order of the
         image-token runs (a DPO pair's image appears twice, once per sequence).
+    images, image_index: the same without repeats: ``images [U, 3, H, W]`` distinct images (decoded
+        once) and ``image_index`` int64 ``[N_img]``, so that ``pixel_values == images[image_index]``.
+        Feed these to the model to encode each image once.
     segment_sample: int64 ``[K]`` sample number of each segment, -1 for padding segments.
     pair_segments: int64 ``[P, 2]`` (chosen, rejected) segment numbers of each DPO pair.
     sample_ids: source ids of the segments ('' for padding).
     image_refs: (sample number, tar member) of each entry of pixel_values.
     epoch: the epoch the micro-batch belongs to (set by the loader).
+    global_samples, global_tokens, global_label_tokens: totals over the micro-batches of all ranks
+        that share this one's loader step (set by the loader from the plan every rank holds), so
+        losses can be normalised over the global batch without communication.
     """
 
     input_ids: torch.Tensor
@@ -118,12 +124,17 @@ class PackedBatch:
     sample_ids: list[str]
     image_refs: list[tuple[int, str]]
     pixel_values: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
     num_samples: int = 0
     num_tokens: int = 0
     num_label_tokens: int = 0
     num_padding_tokens: int = 0
     num_truncated: int = 0
     epoch: int = 0
+    global_samples: int = 0
+    global_tokens: int = 0
+    global_label_tokens: int = 0
 
 
 def build_micro_batch(rows: list[list[Unit]], seq_len: int, pad_token_id: int) -> PackedBatch:

@@ -40,9 +40,16 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward pieces (pipeline stages call these separately)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values ``[N_img, 3, H, W]`` → projected features ``[N_img, T, H_llm]``."""
-        return self.projector(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values ``[N_img, 3, H, W]`` → projected features ``[N_img, T, H_llm]``.
+
+        With ``image_index`` (int64 ``[N_runs]``), ``pixel_values`` holds distinct images and run k of
+        image tokens shows image ``image_index[k]``: each image is encoded once however often it is
+        shown (a DPO pair's chosen and rejected sequences share theirs), and its gradient is the sum
+        over its uses. → ``[N_runs, T, H_llm]``.
+        """
+        features = self.projector(self.vision(pixel_values))
+        return features if image_index is None else features[image_index]
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings ``[B, S, H]`` with image features written over the image-token positions."""
@@ -50,21 +57,22 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+                max_seqlen: int | None = None, image_index: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids ``[B, S]`` (each image's placeholder expanded to ``num_image_tokens`` copies of
         ``image_token_id``), pixel_values ``[N_img, 3, H, W]`` → logits ``[B, S, V]`` (or the
         final-normed hidden states ``[B, S, H]`` with ``return_hidden``).
 
         Packed rows: ``cu_seqlens`` (int32 ``[num_segments + 1]`` over the flattened ``B * S`` tokens)
         keeps attention inside each sample; positions restart per sample unless ``position_ids``
-        is given.
+        is given. ``image_index``: see :meth:`encode_images`.
         """
         packed = None
         if cu_seqlens is not None:
             if max_seqlen is None:
                 max_seqlen = int(cu_seqlens.diff().max())
             packed = PackedSeqs(cu_seqlens, max_seqlen).validate(*input_ids.shape)
-        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        features = self.encode_images(pixel_values, image_index) if pixel_values is not None else None
         hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
         return hidden if return_hidden else self.language.logits(hidden)
 

@@ -36,12 +36,19 @@ __all__ = [
 
 @dataclasses.dataclass
 class MicroBatch:
-    """One micro-batch: packed rows ``[b, S]`` with per-sample positions, its images, its labels."""
+    """One micro-batch: packed rows ``[b, S]`` with per-sample positions, its images, its targets.
+
+    ``labels`` is what the loss function reads: usually ``[b, S]`` token ids (IGNORE_INDEX where there
+    is nothing to predict), or any tensor whose first dim is the rows (the DPO step stacks labels and
+    sequence numbers as ``[b, S, 2]``); pipelining splits it by rows with the rest of the batch.
+    ``image_index``: see ``VisionLanguageModel.encode_images`` (None: one image per image-token run).
+    """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     pixel_values: torch.Tensor  # [N_img, 3, H, W]; N_img may be 0
-    labels: torch.Tensor        # [b, S], IGNORE_INDEX where there is nothing to predict
+    labels: torch.Tensor        # [b, S] or [b, S, ...]
+    image_index: torch.Tensor | None = None
 
 
 class ParallelModel:
@@ -51,6 +58,7 @@ class ParallelModel:
         self.modules, self.dims = modules, dims
         self._schedule_builder, self._tied_sync = schedule_builder, tied_sync
         self._schedules: dict = {}
+        self._loss_fn = None  # the function of the call in progress; cached schedules call it
 
     def named_parameters(self):
         for module in self.modules:
@@ -67,11 +75,17 @@ class ParallelModel:
     def head_weight(self, module: nn.Module) -> torch.Tensor:
         return module.language.head_weight
 
+    @property
+    def holds_loss(self) -> bool:
+        """Whether this rank computes losses (every rank without pipelining; the last stage with)."""
+        return self.dims.layout.pp == 1 or any(getattr(m, "last", False) for m in self.modules)
+
     def forward_backward(self, microbatches: list[MicroBatch], loss_fn) -> torch.Tensor:
         """Forward and backward over the micro-batches, gradients accumulated; → summed loss (all ranks).
 
-        ``loss_fn(hidden [b, S, H], head_weight, labels [b, S]) -> scalar`` must already be normalised
-        over the global batch (``lm_loss`` is).
+        ``loss_fn(hidden [b, S, H], head_weight, labels) -> scalar`` must already be normalised over
+        the global batch (``lm_loss`` is). It runs where the loss is computed (see ``holds_loss``),
+        once per micro-batch, in micro-batch order.
         """
         if self.dims.layout.pp == 1:
             model = self.modules[0]
@@ -79,13 +93,33 @@ class ParallelModel:
             for i, mb in enumerate(microbatches):
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last one
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
-                packed = PackedSeqs.from_position_ids(mb.position_ids)
-                hidden = model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
-                               max_seqlen=packed.max_seqlen, return_hidden=True)
-                loss = loss_fn(hidden, self.head_weight(model), mb.labels)
+                loss = loss_fn(self._hidden(model, mb), self.head_weight(model), mb.labels)
                 loss.backward()
                 total += loss.detach()
             return total
+        losses = self._pipelined(microbatches, loss_fn, train=True)
+        self._tied_sync()
+        total = torch.stack([l.detach() for l in losses]).sum() if losses else \
+            torch.zeros((), device=microbatches[0].input_ids.device)
+        dist.all_reduce(total, group=self.dims.pp_group)  # only the last stage holds losses
+        return total
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[MicroBatch], output_fn) -> list:
+        """Forward without gradients (a frozen reference model): → ``output_fn(hidden, head_weight,
+        labels)`` per micro-batch where ``holds_loss``, else []. ``output_fn`` may return any tensor."""
+        if self.dims.layout.pp == 1:
+            model = self.modules[0]
+            return [output_fn(self._hidden(model, mb), self.head_weight(model), mb.labels) for mb in microbatches]
+        return self._pipelined(microbatches, output_fn, train=False)
+
+    @staticmethod
+    def _hidden(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+        packed = PackedSeqs.from_position_ids(mb.position_ids)
+        return model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
+                     max_seqlen=packed.max_seqlen, image_index=mb.image_index, return_hidden=True)
+
+    def _pipelined(self, microbatches: list[MicroBatch], loss_fn, *, train: bool) -> list:
         last = next((m for m in self.modules if m.last), None)
         batch, seqlen = microbatches[0].input_ids.shape
         if any(mb.input_ids.shape != (batch, seqlen) for mb in microbatches):
@@ -95,20 +129,20 @@ class ParallelModel:
         if key not in self._schedules:
             self._schedules[key] = self._schedule_builder(
                 len(microbatches), batch, seqlen,
-                lambda output, labels: loss_fn(output, self.head_weight(last), labels))
-        image_tokens = self.modules[0].config.num_image_tokens
-        per_row = []
+                lambda output, labels: self._loss_fn(output, self.head_weight(last), labels))
+        config = self.modules[0].config
+        images = []
         for mb in microbatches:
-            counts = (mb.input_ids == self.modules[0].config.image_token_id).sum(1) // image_tokens
-            per_row += list(mb.pixel_values.split(counts.tolist()))
-        losses = run_schedule(self._schedules[key], self.modules, torch.cat([mb.input_ids for mb in microbatches]),
-                              torch.cat([mb.position_ids for mb in microbatches]), ImagesByRow(per_row),
-                              torch.cat([mb.labels for mb in microbatches]))
-        self._tied_sync()
-        total = torch.stack([l.detach() for l in losses]).sum() if losses else \
-            torch.zeros((), device=microbatches[0].input_ids.device)
-        dist.all_reduce(total, group=self.dims.pp_group)  # only the last stage holds losses
-        return total
+            runs = ((mb.input_ids == config.image_token_id).sum(1) // config.num_image_tokens).tolist()
+            images.append(ImagesByRow.from_batch(mb.pixel_values, mb.image_index, runs))
+        images = ImagesByRow([x for i in images for x in i.per_row], [x for i in images for x in i.index_per_row])
+        self._loss_fn = loss_fn
+        try:
+            return run_schedule(self._schedules[key], self.modules, torch.cat([mb.input_ids for mb in microbatches]),
+                                torch.cat([mb.position_ids for mb in microbatches]), images,
+                                torch.cat([mb.labels for mb in microbatches]), train=train)
+        finally:
+            self._loss_fn = None
 
 
 def parallelize(model: VisionLanguageModel, dims: ParallelDims, *, seed: int | None = 0,

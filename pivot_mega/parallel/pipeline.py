@@ -31,13 +31,43 @@ class ImagesByRow:
     Deliberately not a tensor or a container the schedule understands: ``step()`` splits tensor
     arguments into micro-batches along dim 0 and hands other objects whole to every micro-batch, so
     each micro-batch gets its row indices as a tensor and picks its own images from this.
+
+    ``per_row[i]`` holds row i's distinct images ``[U_i, 3, H, W]`` and ``index_per_row[i]`` which of
+    them each image-token run of the row shows (``[N_i]``; None: one image per run, in order).
     """
 
-    def __init__(self, per_row: list[torch.Tensor]):
+    def __init__(self, per_row: list[torch.Tensor], index_per_row: list[torch.Tensor | None] | None = None):
         self.per_row = per_row
+        self.index_per_row = index_per_row or [None] * len(per_row)
 
-    def select(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.per_row[i] for i in rows.tolist()])
+    @classmethod
+    def from_batch(cls, pixel_values: torch.Tensor, image_index: torch.Tensor | None,
+                   runs_per_row: list[int]) -> "ImagesByRow":
+        """Splits a batch's images by row; ``runs_per_row``: image-token runs in each row. Images are
+        shared only within a row (a DPO pair sits in one row), so each row keeps its distinct ones."""
+        if image_index is None:
+            return cls(list(pixel_values.split(runs_per_row)))
+        per_row, index_per_row = [], []
+        for runs in image_index.split(runs_per_row):
+            distinct, local = torch.unique(runs, sorted=True, return_inverse=True)
+            per_row.append(pixel_values[distinct])
+            index_per_row.append(local)
+        return cls(per_row, index_per_row)
+
+    def select(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (distinct images of these rows, run → image index or None)."""
+        rows = rows.tolist()
+        pixels = torch.cat([self.per_row[i] for i in rows])
+        if all(self.index_per_row[i] is None for i in rows):
+            return pixels, None
+        index, offset = [], 0
+        for i in rows:
+            local = self.index_per_row[i]
+            if local is None:
+                local = torch.arange(len(self.per_row[i]))
+            index.append(local.to(pixels.device) + offset)
+            offset += len(self.per_row[i])
+        return pixels, torch.cat(index)
 
 
 class StageModel(nn.Module):
@@ -69,7 +99,11 @@ class StageModel(nn.Module):
         data-parallel rank runs the same collectives."""
         if self.first:
             input_ids, rows = inputs
-            features = self.projector(self.vision(images.select(rows))) if images is not None else None
+            features = None
+            if images is not None:
+                pixels, image_index = images.select(rows)
+                features = self.projector(self.vision(pixels))
+                features = features if image_index is None else features[image_index]
             hidden = embed_with_images(self.language.embed_tokens, input_ids, features, self.config)
         else:
             (hidden,) = inputs
@@ -137,16 +171,20 @@ def build_schedule(stages: list[StageModel], dims: ParallelDims, loss_fn, device
 
 
 def run_schedule(schedule, stages: list[StageModel], input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 images: ImagesByRow, labels: torch.Tensor) -> list:
+                 images: ImagesByRow, labels: torch.Tensor, *, train: bool = True) -> list:
     """One pipelined forward + backward of a batch (split into the schedule's micro-batches along its
-    rows); → the last stage's per-micro-batch losses (empty elsewhere)."""
+    rows), or a forward only (``train=False``, no gradients); → the last stage's per-micro-batch loss
+    function outputs (empty elsewhere)."""
     first = any(stage.first for stage in stages)
     last = any(stage.last for stage in stages)
     losses: list = []
     args = (input_ids, torch.arange(input_ids.shape[0], device=input_ids.device)) if first else ()
     kwargs = {"position_ids": position_ids, "images": images if first else None}
-    schedule.step(*args, target=labels if last else None, losses=losses if last else None,
-                  return_outputs=False, **kwargs)
+    if train:
+        schedule.step(*args, target=labels if last else None, losses=losses if last else None,
+                      return_outputs=False, **kwargs)
+    else:
+        schedule.eval(*args, target=labels if last else None, losses=losses if last else None, **kwargs)
     return losses
 
 
