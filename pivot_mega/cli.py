@@ -123,6 +123,8 @@ def _run_data(args) -> int:
 # Commands defined next to the code they run. Each module's ``register(sub)`` adds its subparsers and
 # returns {command name: run(args) -> exit code}; it imports nothing heavy until a command runs.
 COMMAND_MODULES = (
+    "pivot_mega.training.commands",
+    "pivot_mega.eval.commands",
 )
 
 

@@ -255,6 +255,10 @@ class RunningRewardMean:
             self.mean += (total / count - self.mean) / self.steps
         return self.mean
 
+    def discard(self) -> None:
+        """Forgets this step's rewards (a skipped step); δ stays as it was."""
+        self._sum, self._count = None, 0
+
     def state_dict(self) -> dict:
         return {"mean": self.mean, "steps": self.steps}
 

@@ -1,0 +1,327 @@
+"""``pivot-mega bench``: training-step throughput on synthetic batches of a model's real shapes.
+
+The batch: ``micro_batches`` micro-batches of ``rows`` packed rows of ``seq_len`` tokens. For DPO each
+row holds preference pairs: two sequences (image tokens, a prompt, a response) that show the same
+image; for the other stages each row holds sequences of the same make-up. Tokens and pixels are
+random (seeded); the step is the trainer's own (``StepRunner``) plus the optimizer step.
+
+``--compare-naive`` also times the DPO step as simple implementations write it, on the same model,
+optimizer and batch, in the same process: full ``[B, S, V]`` logits and ``log_softmax`` for every
+position, each sequence encoding its own copy of the image, and the reference model's forward every
+step. Its loss is the optimised step's (checked, and reported), so the ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import ModelConfig, load_model_config
+from ..data.packing import build_micro_batch
+from ..data.templates import IGNORE_INDEX, Sequence, Unit
+from ..models.mllm import VisionLanguageModel
+from ..parallel import ParallelConfig, build_mesh, parallelize
+from ..profiling import peak_tflops
+from .losses import DPOConfig, dpo_loss
+from .optim import OptimConfig, apply_trainable, build_optimizer
+from .optim import PIVOT_STAGE_DEFAULTS
+from .steps import StepRunner, data_flops
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+PRESETS = {"tiny": "model_tiny.yaml", "small": "model_small.yaml", "pivot-1.5b": "model_pivot_so400m_qwen2.5_1.5b.yaml",
+           "pivot-7b": "model_pivot_so400m_qwen2.5_7b.yaml"}
+
+
+@dataclasses.dataclass
+class BenchOptions:
+    stage: str = "dpo"
+    preset: str = "tiny"
+    steps: int = 5
+    warmup: int = 2
+    seq_len: int = 0
+    rows: int = 1
+    micro_batches: int = 2
+    response_len: int = 0
+    reference: str = "precomputed"
+    compare_naive: bool = False
+    dtype: str | None = None
+    attention: str | None = None
+    activation_checkpointing: bool = False
+    seed: int = 0
+    overrides: list = dataclasses.field(default_factory=list)
+
+
+def model_config_for(preset: str, overrides: list[str] = ()) -> ModelConfig:
+    path = CONFIGS / PRESETS[preset] if preset in PRESETS else Path(preset)
+    if not path.is_file():
+        raise FileNotFoundError(f"bench preset {preset!r}: neither one of {sorted(PRESETS)} nor a model config file")
+    return load_model_config(path, list(overrides))
+
+
+class _FixedReference:
+    """Precomputed reference log-probs, as the trainer reads them from the file: here fixed values."""
+
+    def __init__(self, values: dict[str, list[float]]):
+        self.values = values
+
+    def lookup(self, ids: list[str], device: torch.device) -> torch.Tensor:
+        return torch.tensor([v for i in ids for v in self.values[i]], dtype=torch.float32, device=device)
+
+
+def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.random.Generator) -> list:
+    """The step's PackedBatches (images decoded already: random SigLIP-range pixels)."""
+    tokens = config.num_image_tokens
+    seq_len = options.seq_len or 4 * tokens
+    pair = options.stage == "dpo"
+    per_row = 2 if pair else 2  # sequences per row: a pair, or two samples
+    sequence_len = seq_len // per_row
+    text = sequence_len - tokens
+    if text < 4:
+        raise ValueError(f"--seq-len {seq_len}: rows must hold {per_row} sequences of {tokens} image tokens "
+                         f"plus text; give at least {per_row * (tokens + 4)}")
+    response = options.response_len or max(1, text // 4)
+    if response >= text:
+        raise ValueError(f"--response-len {response} leaves no prompt in {text} text tokens per sequence")
+    vocab = config.language.vocab_size
+    low = 0 if config.image_token_id != 0 else 1
+
+    def ids(n):
+        out = generator.integers(low, vocab - 1, n)
+        out[out == config.image_token_id] = (config.image_token_id + 1) % vocab
+        return out
+
+    def sequence(prompt_ids, response_ids):
+        input_ids = np.concatenate([[ids(1)[0]], np.full(tokens, config.image_token_id), prompt_ids, response_ids])
+        labels = np.full(len(input_ids), IGNORE_INDEX)
+        labels[-len(response_ids):] = response_ids
+        return Sequence(input_ids.astype(np.int64), labels.astype(np.int64), 1)
+
+    batches, index = [], 0
+    for _ in range(options.micro_batches):
+        rows = []
+        for _ in range(options.rows):
+            units = []
+            if pair:
+                prompt = ids(text - response - 1)
+                units.append(Unit(index, f"pair-{index}", [sequence(prompt, ids(response)), sequence(prompt, ids(response))],
+                                  ["jpg"]))
+                index += 1
+            else:
+                for _ in range(per_row):
+                    units.append(Unit(index, f"sample-{index}", [sequence(ids(text - response - 1), ids(response))],
+                                      ["jpg"]))
+                    index += 1
+            rows.append(units)
+        batch = build_micro_batch(rows, seq_len, pad_token_id=0)
+        distinct = list(dict.fromkeys(batch.image_refs))
+        where = {ref: k for k, ref in enumerate(distinct)}
+        size = config.vision.image_size
+        batch.images = torch.from_numpy(generator.uniform(-1, 1, (len(distinct), 3, size, size)).astype(np.float32))
+        batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
+        batch.pixel_values = batch.images[batch.image_index]
+        batch.global_samples, batch.global_tokens = batch.num_samples, batch.num_tokens
+        batch.global_label_tokens = batch.num_label_tokens
+        batches.append(batch)
+    return batches
+
+
+def naive_dpo_step(policy: VisionLanguageModel, reference: VisionLanguageModel, batches: list, config: DPOConfig,
+                   autocast) -> torch.Tensor:
+    """The DPO step written plainly: full logits, log_softmax everywhere, each sequence encodes its image,
+    the reference model runs its forward. Gradients accumulate in ``policy``; → the mean loss."""
+    num_pairs = sum(len(b.pair_segments) for b in batches)
+    total = torch.zeros(())
+    device = next(policy.parameters()).device
+    for batch in batches:
+        def sums(model):
+            logits = model(batch.input_ids.to(device), batch.pixel_values.to(device),
+                           position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
+                           max_seqlen=batch.max_seqlen).float()
+            logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+            labels = batch.labels[:, 1:].to(device)
+            mask = labels != IGNORE_INDEX
+            token = torch.gather(logprobs, -1, labels.clamp(min=0)[..., None])[..., 0] * mask
+            flat = token.reshape(-1)
+            # sequence of each position (by segment), position t predicts token t + 1
+            seg = torch.searchsorted(batch.cu_seqlens[1:].long(), torch.arange(batch.input_ids.numel()), right=True)
+            seg = seg.view(batch.input_ids.shape)[:, 1:].reshape(-1).to(device)
+            per_segment = torch.zeros(len(batch.cu_seqlens) - 1, device=device).index_add(0, seg, flat)
+            counts = torch.zeros(len(batch.cu_seqlens) - 1, device=device).index_add(0, seg, mask.reshape(-1).float())
+            return per_segment, counts
+        with autocast():
+            with torch.no_grad():
+                ref, _ = sums(reference)
+            policy_sums, counts = sums(policy)
+        chosen, rejected = batch.pair_segments[:, 0].to(device), batch.pair_segments[:, 1].to(device)
+        losses, _ = dpo_loss(policy_sums[chosen], policy_sums[rejected], ref[chosen], ref[rejected], counts[chosen],
+                             counts[rejected], config)
+        loss = losses.sum() / num_pairs
+        loss.backward()
+        total += loss.detach().cpu()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_benchmark(options: BenchOptions) -> dict:
+    if options.stage not in PIVOT_STAGE_DEFAULTS:
+        raise ValueError(f"--stage {options.stage!r}: one of {sorted(PIVOT_STAGE_DEFAULTS)}")
+    if options.compare_naive and options.stage != "dpo":
+        raise ValueError("--compare-naive times the naive DPO step: use --stage dpo")
+    config = model_config_for(options.preset, options.overrides)
+    if options.attention:
+        config.attention = options.attention
+    config.activation_checkpointing = options.activation_checkpointing
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = options.dtype or ("bf16" if device_type == "cuda" else "fp32")
+    if dtype == "bf16" and device_type != "cuda":
+        raise ValueError("--dtype bf16 needs a CUDA device (CPU runs fp32)")
+    parallel = ParallelConfig(mixed_precision="bf16" if dtype == "bf16" and dist.is_initialized()
+                              and dist.get_world_size() > 1 else "fp32")
+    dims = build_mesh(parallel, config, device_type)
+    torch.manual_seed(options.seed)
+    trainable = tuple(PIVOT_STAGE_DEFAULTS[options.stage]["trainable"])
+
+    def build():
+        with torch.device("meta"):
+            model = VisionLanguageModel(config)
+        return parallelize(model, dims, seed=options.seed)
+
+    pmodel = build()
+    apply_trainable(pmodel, trainable)
+    optimizer = build_optimizer(pmodel.named_parameters(), OptimConfig(lr=1e-6), device_type)
+    device = next(iter(pmodel.parameters())).device
+
+    def autocast():
+        if dtype == "bf16" and dims.layout.dp == 1:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        import contextlib
+        return contextlib.nullcontext()
+
+    generator = np.random.default_rng(options.seed)
+    batches = synthetic_batches(config, options, generator)
+    dpo = DPOConfig()
+    reference_model = None
+    reference = None
+    if options.stage == "dpo":
+        needs_model = options.reference == "online" or options.compare_naive
+        if needs_model:
+            reference_model = build()
+            for p in reference_model.parameters():
+                p.requires_grad_(False)
+        if options.reference == "online":
+            reference = reference_model
+        else:
+            # What the precompute pass would have stored: the reference model's sums (or random values).
+            ids = [batch.sample_ids[int(c)] for batch in batches for c, _ in batch.pair_segments]
+            if reference_model is not None:
+                from .steps import sequence_sums_fn, to_micro_batch
+                firsts = np.cumsum([0] + [len(b.pair_segments) for b in batches])[:-1]
+                mbs = [to_micro_batch(b, device, first_pair=int(f)) for b, f in zip(batches, firsts)]
+                with autocast():
+                    sums = torch.stack(reference_model.forward_only(mbs, sequence_sums_fn(2 * len(ids)))).sum(0)
+                values = sums.tolist()
+            else:
+                values = generator.normal(-50, 5, 2 * len(ids)).tolist()
+            reference = _FixedReference({i: values[2 * k:2 * k + 2] for k, i in enumerate(ids)})
+    runner = StepRunner(options.stage, pmodel, config, trainable=trainable, dpo=dpo, reference=reference,
+                        autocast=autocast)
+
+    flops = sum(data_flops(b, config, trainable, options.reference == "online" and options.stage == "dpo")
+                for b in batches)
+    tokens = sum(b.num_tokens for b in batches)
+
+    def optimised():
+        result = runner.run(batches)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(result.sums["loss_sum"]) / max(result.global_count, 1)
+
+    results = {"stage": options.stage, "preset": options.preset, "device": torch.cuda.get_device_name()
+               if device_type == "cuda" else "cpu", "dtype": dtype, "world_size": dims.layout.world_size,
+               "micro_batches": options.micro_batches, "rows": options.rows,
+               "seq_len": batches[0].input_ids.shape[1], "tokens_per_step": tokens,
+               "images_per_step": sum(len(b.images) for b in batches),
+               "model_flops_per_step": flops, "reference": options.reference if options.stage == "dpo" else None}
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    results["optimised"] = _time(optimised, options, device, tokens, flops, dims.layout.world_size, dtype)
+    results["optimised"]["peak_memory_gb"] = _peak_memory_gb(device)
+
+    if options.compare_naive:
+        if dims.layout.world_size != 1:
+            raise ValueError("--compare-naive runs in one process (the naive step has no parallelism)")
+        policy = pmodel.modules[0]
+        naive_ref = reference_model.modules[0]
+        naive_flops = _naive_flops(batches, config)
+
+        def naive():
+            loss = naive_dpo_step(policy, naive_ref, batches, dpo, autocast)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss)
+
+        # Same weights, same batch: both steps must give the same loss before anything is timed.
+        optimizer.zero_grad(set_to_none=True)
+        result = runner.run(batches)
+        optimised_loss = float(result.sums["loss_sum"]) / max(result.global_count, 1)
+        optimizer.zero_grad(set_to_none=True)
+        naive_loss = float(naive_dpo_step(policy, naive_ref, batches, dpo, autocast))
+        optimizer.zero_grad(set_to_none=True)
+        results["loss_check"] = {"optimised": optimised_loss, "naive": naive_loss,
+                                 "abs_diff": abs(optimised_loss - naive_loss)}
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results["naive"] = _time(naive, options, device, tokens, naive_flops, 1, dtype)
+        results["naive"]["peak_memory_gb"] = _peak_memory_gb(device)
+        results["speedup_vs_naive"] = results["naive"]["step_time_s"] / results["optimised"]["step_time_s"]
+    return results
+
+
+def _naive_flops(batches, config) -> float:
+    """Model FLOPs of the naive step as it runs (for its own TFLOP/s; MFU compares useful work)."""
+    from ..profiling import attended_pairs, forward_flops
+    total = 0.0
+    for b in batches:
+        lengths = [n for n, s in zip(b.cu_seqlens.diff().tolist(), b.segment_sample.tolist()) if s >= 0]
+        fwd = forward_flops(config, num_images=len(b.pixel_values), num_tokens=b.num_tokens,
+                            attention_pairs=attended_pairs(lengths), num_labels=b.input_ids.numel())
+        total += 4 * fwd.total  # policy forward + backward (3x) and the reference forward
+    return total
+
+
+def _time(step, options: BenchOptions, device, tokens: int, flops: float, world: int, dtype: str) -> dict:
+    losses = []
+    for _ in range(options.warmup):
+        losses.append(step())
+    _sync(device)
+    times = []
+    for _ in range(options.steps):
+        start = time.perf_counter()
+        losses.append(step())
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_time = float(np.median(times))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = peak_tflops(name, dtype)
+    tflops = flops / step_time / world / 1e12
+    return {"step_time_s": step_time, "step_times_s": times, "tokens_per_s": tokens / step_time,
+            "tokens_per_s_per_device": tokens / step_time / world, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "first_loss": losses[0], "losses": losses}

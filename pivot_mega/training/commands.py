@@ -1,0 +1,87 @@
+"""``pivot-mega train`` and ``pivot-mega bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> dict:
+    train = sub.add_parser(
+        "train", help="run one PIVOT stage (pretrain_projector, pretrain_full, sft, dpo)",
+        description="Runs the stage a run config describes, in one process or on every rank of torchrun / srun. "
+                    "SIGTERM or SIGUSR1 finish the step, save a checkpoint and exit 0; train.resume=auto (the "
+                    "default) continues from OUT/checkpoints/latest.")
+    train.add_argument("config", metavar="CONFIG.yaml", help="run config (see examples/configs/train_*.yaml)")
+    train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.max_steps=100 parallel.tensor_model_parallel_size=2")
+
+    bench = sub.add_parser(
+        "bench", help="training-step throughput on synthetic data (tokens/s, TFLOP/s, MFU, memory) as JSON",
+        description="Times training steps of a stage on random data of the model's shapes, after warm-up steps. "
+                    "With --compare-naive, also times a naive DPO step (full-logit log_softmax, each sequence "
+                    "encodes its image, the reference model runs every step) on the same model and batch, and "
+                    "reports the ratio.")
+    bench.add_argument("--stage", choices=["pretrain_projector", "pretrain_full", "sft", "dpo"], default="dpo")
+    bench.add_argument("--preset", default="tiny",
+                       help="tiny | pivot-1.5b | pivot-7b, or a model config YAML (default tiny)")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench.add_argument("--seq-len", type=int, default=0, help="tokens per packed row (default: 4x the image tokens)")
+    bench.add_argument("--rows", type=int, default=1, help="rows per micro-batch (default 1)")
+    bench.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (default 2)")
+    bench.add_argument("--response-len", type=int, default=0,
+                       help="tokens per response (default: a quarter of the text tokens of a sequence)")
+    bench.add_argument("--reference", choices=["online", "precomputed"], default="precomputed",
+                       help="DPO reference of the optimised step (default precomputed)")
+    bench.add_argument("--compare-naive", action="store_true", help="also time the naive DPO step; report the ratio")
+    bench.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                       help="training dtype (default: bf16 autocast on CUDA, fp32 on CPU)")
+    bench.add_argument("--attention", default=None, help="attention backend (default: the model config's)")
+    bench.add_argument("--activation-checkpointing", action="store_true")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="model config overrides, e.g. language.num_hidden_layers=4")
+    bench.add_argument("--json", metavar="FILE", help="also write the results here")
+    return {"train": run_train, "bench": run_bench}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .config import load_run_config
+    from .trainer import Trainer
+
+    config = load_run_config(args.config, args.overrides)
+    try:
+        summary = Trainer(config).run()
+    except Exception as e:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"pivot-mega train: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary.stopped_by is None:
+        print(f"pivot-mega train: done after {summary.steps} steps; model in {summary.final}", file=sys.stderr)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import BenchOptions, run_benchmark
+
+    options = BenchOptions(stage=args.stage, preset=args.preset, steps=args.steps, warmup=args.warmup,
+                           seq_len=args.seq_len, rows=args.rows, micro_batches=args.micro_batches,
+                           response_len=args.response_len, reference=args.reference,
+                           compare_naive=args.compare_naive, dtype=args.dtype, attention=args.attention,
+                           activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+                           overrides=list(args.overrides))
+    results = run_benchmark(options)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0

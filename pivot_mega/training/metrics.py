@@ -1,0 +1,141 @@
+"""What rank 0 shows and records: a progress bar, ``OUT/metrics.jsonl``, TensorBoard events, and every
+``log_every`` steps a throughput line (tokens/s/device, TFLOP/s/device, MFU, peak memory, data wait).
+
+``metrics.jsonl`` holds one JSON object per step: ``step``, ``time`` (seconds since the run started),
+the step's metrics (``loss``, ``grad_norm``, ``lr``, DPO's ``rewards/*`` ...) and, on logging steps,
+the interval's throughput under ``perf/``. A resumed run first drops the lines of steps after its
+checkpoint, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from ..profiling import ThroughputMeter
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def host_peak_memory_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Does nothing on ranks other than 0 (``enabled=False``)."""
+
+    def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool,
+                 tensorboard: bool, log_every: int, stage: str, num_devices: int, peak_tflops: float | None):
+        self.enabled, self.log_every, self.stage = enabled, log_every, stage
+        self.path = Path(out_dir) / METRICS_FILE
+        self.interval = ThroughputMeter(num_devices, peak_tflops)
+        self.whole_run = ThroughputMeter(num_devices, peak_tflops)
+        self.start = time.perf_counter()
+        self.steps_run = 0
+        self._file = self._bar = self._writer = None
+        if not enabled:
+            return
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step + 1)
+        self._interactive = progress and sys.stderr.isatty()
+        if self._interactive:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
+                             file=sys.stderr)
+        self._total_steps = total_steps
+
+    def truncate_after(self, step: int) -> None:
+        """Keeps the lines of steps <= ``step`` (a resumed run redoes the others)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def add_step(self, tokens: int, flops: float, data_wait_s: float) -> None:
+        self.interval.add_step(tokens, flops, data_wait_s)
+        self.whole_run.add_step(tokens, flops, data_wait_s)
+        self.steps_run += 1
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.perf_counter() - self.start, 3), **metrics}
+        if step % self.log_every == 0:
+            perf = self.interval.summary()
+            perf["host_peak_memory_gb"] = host_peak_memory_gb()
+            self.interval.reset()
+            record.update({f"perf/{k}": v for k, v in perf.items()})
+            self._print(step, metrics, perf)
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and value is not None:
+                    self._writer.add_scalar(key, value, step)
+        if self._bar is not None:
+            postfix = {"loss": f"{metrics['loss']:.4f}"}
+            if "rewards/accuracies" in metrics:
+                postfix["acc"] = f"{metrics['rewards/accuracies']:.3f}"
+            postfix["tok/s"] = f"{metrics['tokens'] / max(record['time'] / max(self.steps_run, 1), 1e-9):.0f}"
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+
+    def _print(self, step: int, metrics: dict, perf: dict) -> None:
+        parts = [f"step {step}", f"loss {metrics['loss']:.4f}"]
+        if "rewards/accuracies" in metrics:
+            parts += [f"reward acc {metrics['rewards/accuracies']:.3f}", f"margin {metrics['rewards/margins']:.4f}"]
+        parts += [f"grad norm {metrics['grad_norm']:.3g}", f"lr {metrics['lr']:.3g}",
+                  f"{perf['tokens_per_s_per_device']:.0f} tok/s/device",
+                  f"{perf['tflops_per_device']:.3g} TFLOP/s/device",
+                  "MFU n/a" if perf["mfu"] is None else f"MFU {100 * perf['mfu']:.1f}%",
+                  f"data wait {100 * perf['data_wait_fraction']:.1f}%"]
+        if perf.get("peak_memory_gb") is not None:
+            parts.append(f"GPU peak {perf['peak_memory_gb']:.1f} GB")
+        parts.append(f"host peak {perf['host_peak_memory_gb']:.1f} GB")
+        line = " | ".join(parts)
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def summary(self) -> dict:
+        """Throughput over the whole run (steps of this process)."""
+        perf = self.whole_run.summary()
+        perf["host_peak_memory_gb"] = host_peak_memory_gb()
+        perf["steps"] = self.steps_run
+        return perf
+
+    def print_summary(self) -> None:
+        if not self.enabled or not self.steps_run:
+            return
+        perf = self.summary()
+        mfu = "n/a (unknown device peak)" if perf["mfu"] is None else f"{100 * perf['mfu']:.1f}%"
+        memory = f", GPU peak {perf['peak_memory_gb']:.1f} GB" if perf.get("peak_memory_gb") is not None else ""
+        print(f"throughput over {perf['steps']} steps: {perf['tokens_per_s']:.0f} tokens/s "
+              f"({perf['tokens_per_s_per_device']:.0f} per device), {perf['tflops_per_device']:.3g} TFLOP/s per "
+              f"device, MFU {mfu}, data wait {100 * perf['data_wait_fraction']:.1f}%{memory}, host peak "
+              f"{perf['host_peak_memory_gb']:.1f} GB", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,495 @@
+"""``pivot-mega train``: one PIVOT stage end to end, in one process or on every rank of a job.
+
+    config = load_run_config("examples/configs/train_dpo.yaml", ["train.max_steps=100"])
+    summary = Trainer(config).run()
+
+The story of a run: build the mesh from torchrun / srun / nothing → the model on the meta device →
+parallelize (TP/SP, PP, FSDP) → weights from ``init_from`` → freeze the towers the stage does not
+train → AdamW, warmup + cosine → resume from the latest checkpoint → steps until the epochs or
+``max_steps`` are done → final checkpoint, portable export (``OUT/final``), HF export if asked.
+
+A step takes the loader's micro-batches until the global batch holds ``global_batch_size`` samples
+(pairs for DPO); every rank runs the same loader plan, so every rank takes the same number of
+micro-batches and knows the global counts without communication. One all-reduce per step gathers
+the metrics, the stop flag (SIGTERM / SIGUSR1 on any rank) and the non-finite check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from ..data.loader import PackedDataLoader
+from ..data.packing import PackedBatch
+from ..models.checkpoint_io import CheckpointError, read_config, read_safetensors_dir
+from ..models.mllm import VisionLanguageModel
+from ..models.precision import apply_precision, check_precision, precision_autocast
+from ..parallel import ParallelModel, build_mesh, parallelize
+from ..profiling import StepProfiler, ThroughputMeter, nvtx_range, peak_tflops
+from .checkpoint import (LoadedCheckpoint, PendingSave, export_model, load_checkpoint, load_model_weights,
+                         resolve_resume, save_checkpoint)
+from .config import RunConfig
+from .losses import RunningRewardMean
+from .metrics import MetricsLogger
+from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_norm_, tied_embedding_copies
+from .steps import (DATA_METRICS, PrecomputedReference, ReferenceError, StepRunner, blank_batch, pair_ids,
+                    sequence_sums_fn, to_micro_batch)
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite steps, a reference that does not fit...)."""
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout warning) set a flag; the step in progress finishes, a
+    checkpoint is written and the run exits 0. A second signal changes nothing: the save is under way."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def install(self) -> "StopSignals":
+        if hasattr(signal, "pthread_kill") and threading_is_main():
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            print(f"pivot-mega train: {self.received} received; finishing this step, then saving", file=sys.stderr,
+                  flush=True)
+
+    def restore(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
+
+
+def threading_is_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+@dataclasses.dataclass
+class RunSummary:
+    steps: int
+    stopped_by: str | None
+    out_dir: str
+    final: str | None
+    last_metrics: dict
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.out_dir = Path(config.train.out_dir)
+        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def _model_config(self):
+        c = self.config
+        if c.model is not None:
+            return c.model
+        init = Path(c.init_from)
+        if (init / "checkpoint.json").is_file():
+            saved = json.loads((init / "config.json").read_text()) if (init / "config.json").is_file() else {}
+            if not saved.get("model"):
+                raise ConfigError(f"init_from {init}: a training checkpoint without its run config; give a model section")
+            from ..config import ModelConfig, from_dict
+            return from_dict(ModelConfig, saved["model"], where=f"{init}/config.json: model").validate()
+        return read_config(init)
+
+    def _build_model(self, model_config, dims, *, init_from: str, seed: int) -> ParallelModel:
+        with torch.device("meta"):
+            model = VisionLanguageModel(model_config)
+        apply_precision(model, self.config.precision)
+        pmodel = parallelize(model, dims, seed=None if init_from else seed)
+        if init_from:
+            path = Path(init_from)
+            if (path / "checkpoint.json").is_file():
+                load_checkpoint(path, pmodel=pmodel, restore_rng=False)
+            else:
+                load_model_weights(pmodel, path)
+        return pmodel
+
+    def _autocast(self, dims):
+        bf16 = self.config.parallel.mixed_precision == "bf16" and dims.layout.dp == 1 and self.device_type == "cuda"
+        precision = self.config.precision
+
+        @contextlib.contextmanager
+        def context():
+            with contextlib.ExitStack() as stack:
+                if bf16:  # without FSDP nothing casts parameters; autocast does it per op
+                    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+                stack.enter_context(precision_autocast(precision))
+                yield
+        return context
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def run(self) -> RunSummary:
+        c = self.config
+        check_precision(c.precision, self.device_type)
+        model_config = self._model_config()
+        c.model = model_config  # saved with every checkpoint: the run is self-describing
+        dims = build_mesh(c.parallel, model_config, self.device_type)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(c.train.seed)
+        is_main = rank == 0
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("train: stage %s on %d rank(s): %s", c.stage, world, dims.layout)
+
+        trainable = tuple(c.trainable)
+        pmodel = self._build_model(model_config, dims, init_from=c.init_from, seed=c.train.seed)
+        apply_trainable(pmodel, trainable)
+        pmodel.train()
+        optimizer = build_optimizer(pmodel.named_parameters(), c.optim, self.device_type)
+
+        device_id = torch.cuda.current_device() if self.device_type == "cuda" else None
+        loader = PackedDataLoader(c.data, image_size=model_config.vision.image_size,
+                                  num_image_tokens=model_config.num_image_tokens,
+                                  image_token_id=model_config.image_token_id, rank=dims.dp_rank,
+                                  world_size=dims.layout.dp, device_id=device_id)
+        total_steps = c.train.max_steps or max(1, math.ceil(c.train.epochs * len(loader.shards)
+                                                            / c.train.global_batch_size))
+        scheduler = build_scheduler(optimizer, c.optim, total_steps)
+        device = next(iter(pmodel.parameters())).device
+        reward_mean = RunningRewardMean(all_reduce=dist.all_reduce, device=device)
+        autocast = self._autocast(dims)
+
+        step, trainer_state = 0, {"bad_steps_in_a_row": 0, "bad_steps": 0, "samples": 0, "tokens": 0}
+        resume = resolve_resume(self.out_dir, c.train.resume)
+        if resume is not None:
+            loaded = load_checkpoint(resume, pmodel=pmodel, optimizer=optimizer, scheduler=scheduler)
+            step = loaded.step
+            extra = self._extra_state(loaded)
+            loader.load_state_dict(extra["data"], allow_new_world_size=True)
+            reward_mean.load_state_dict(extra["reward_mean"])
+            trainer_state.update(extra["trainer"])
+            log.info("train: resumed from %s at step %d%s", resume, step,
+                     "" if loaded.rng_restored else " (new world size: RNG streams start afresh)")
+
+        reference = None
+        if c.stage == "dpo":
+            reference = self._reference(model_config, dims, loader, autocast)
+
+        runner = StepRunner(c.stage, pmodel, model_config, trainable=trainable, dpo=c.dpo, reference=reference,
+                            reward_mean=reward_mean, autocast=autocast)
+        name = torch.cuda.get_device_name() if self.device_type == "cuda" else "cpu"
+        dtype = "fp8" if c.precision.fp8 != "none" else ("bf16" if c.parallel.mixed_precision == "bf16" else "fp32")
+        logger = MetricsLogger(self.out_dir, enabled=is_main, total_steps=total_steps, start_step=step,
+                               progress=c.train.progress, tensorboard=c.train.tensorboard, log_every=c.train.log_every,
+                               stage=c.stage, num_devices=world, peak_tflops=peak_tflops(name, dtype))
+        if is_main:
+            logger.truncate_after(step)
+            (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        signals = StopSignals().install()
+        profiler = StepProfiler(c.profile, self.out_dir, self.device_type)
+        tp, pp = dims.layout.tp, dims.layout.pp
+        tied = tied_embedding_copies(pmodel)
+        pending: PendingSave | None = None
+        saved_step = step if resume is not None else None
+        metrics, extra, stopped_by = {}, None, None
+        batches_iter = iter(loader)
+        exhausted = False
+        try:
+            while step < total_steps and not exhausted:
+                profiler.step_begin(step + 1)
+                wait_start = time.perf_counter()
+                with nvtx_range("data"):
+                    batches, data_state, exhausted = self._take_step(batches_iter, loader, dims)
+                data_wait = time.perf_counter() - wait_start
+                if not batches:
+                    break
+                step += 1
+                with nvtx_range("forward_backward"):
+                    result = runner.run(batches)
+                norm = clip_grad_norm_(pmodel.parameters(), c.optim.max_grad_norm,
+                                       pp_group=dims.pp_group if pp > 1 else None, tied_copies=tied)
+                # One all-reduce: the metric sums and the stop flag of every rank.
+                names = runner.metric_names
+                flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=device)
+                vector = torch.stack([result.sums[n] for n in names] + [flag])
+                dist.all_reduce(vector)
+                values = {n: v / ((tp * pp) if n in DATA_METRICS else tp)
+                          for n, v in zip(names, vector[:-1].tolist())}
+                stop_requested = vector[-1].item() > 0
+                loss = values["loss_sum"] / max(result.global_count, 1)
+                finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+                lr = scheduler.get_last_lr()[0]  # this step's
+                with nvtx_range("optimizer"):
+                    if finite:
+                        optimizer.step()
+                        reward_mean.step()
+                        trainer_state["bad_steps_in_a_row"] = 0
+                    else:
+                        reward_mean.discard()
+                        trainer_state["bad_steps"] += 1
+                        trainer_state["bad_steps_in_a_row"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                trainer_state["samples"] += result.global_samples
+                trainer_state["tokens"] += int(values["tokens"])
+                logger.add_step(int(values["tokens"]), values["flops"], data_wait)
+                metrics = self._step_metrics(values, loss, result, norm, lr, trainer_state, finite,
+                                             len(batches), batches[-1].epoch)
+                logger.log(step, metrics)
+                profiler.step_end(step)
+                if not finite:
+                    log.warning("train: step %d skipped: loss %s, grad norm %s (%d in a row, %d in all)", step, loss,
+                                float(norm), trainer_state["bad_steps_in_a_row"], trainer_state["bad_steps"])
+                    if trainer_state["bad_steps_in_a_row"] >= c.train.max_bad_steps:
+                        raise TrainingError(f"{trainer_state['bad_steps_in_a_row']} steps in a row had a non-finite "
+                                            f"loss or gradient norm (train.max_bad_steps={c.train.max_bad_steps}); "
+                                            f"last loss {loss}, grad norm {float(norm)}. Lower optim.lr, check "
+                                            f"the data, or resume from an earlier checkpoint")
+                extra = {"data": data_state, "reward_mean": reward_mean.state_dict(), "trainer": dict(trainer_state)}
+                if stop_requested or (c.train.save_every and step % c.train.save_every == 0):
+                    pending = self._save(pending, step, pmodel, optimizer, scheduler, extra)
+                    saved_step = step
+                if stop_requested:
+                    stopped_by = signals.received or "a signal on another rank"
+                    break
+            if stopped_by is None and extra is not None and saved_step != step:
+                pending = self._save(pending, step, pmodel, optimizer, scheduler, extra)
+            if pending is not None:
+                pending.wait()
+            final = None
+            if stopped_by is None:
+                final = self._export(pmodel)
+        finally:
+            signals.restore()
+            profiler.close()
+            loader.close()
+            logger.close()
+        if stopped_by is not None:
+            if is_main:
+                print(f"pivot-mega train: stopped by {stopped_by} after step {step}; checkpoint "
+                      f"{pending.path}. Resume with train.resume=auto", file=sys.stderr, flush=True)
+        logger.print_summary()
+        return RunSummary(step, stopped_by, str(self.out_dir), None if final is None else str(final), metrics)
+
+    # ------------------------------------------------------------------------------------------
+    # pieces of the loop
+
+    def _take_step(self, batches_iter, loader: PackedDataLoader, dims) -> tuple[list[PackedBatch], dict, bool]:
+        """Micro-batches of one step, the loader state after the last of them, whether the data ran out.
+
+        A pipeline needs at least ``pp`` (and ``parallel.microbatches``) micro-batches per step, a whole
+        number of ``pp`` with the interleaved schedule; the last step of the run is filled with blank
+        micro-batches (no labels, no samples) when the data ends first."""
+        c, pp = self.config, dims.layout.pp
+        minimum = max(pp, c.parallel.microbatches) if pp > 1 else 1
+        multiple = pp if pp > 1 and c.parallel.pipeline_schedule == "interleaved_1f1b" else 1
+        batches, samples, state, exhausted = [], 0, None, False
+        while True:
+            batch = next(batches_iter)
+            if batch.epoch >= c.train.epochs:
+                exhausted = True
+                break
+            batches.append(batch)
+            state = loader.state_dict()
+            samples += batch.global_samples
+            if samples >= c.train.global_batch_size and len(batches) >= minimum and len(batches) % multiple == 0:
+                break
+        if batches and pp > 1:
+            while len(batches) < minimum or len(batches) % multiple:
+                batches.append(blank_batch(batches[-1]))
+        return batches, state, exhausted
+
+    def _step_metrics(self, values: dict, loss: float, result, norm, lr: float, state: dict, finite: bool,
+                      micro_batches: int, epoch: int) -> dict:
+        out = {"loss": loss, "grad_norm": float(norm), "lr": lr, "epoch": epoch,
+               "samples": result.global_samples, "micro_batches": micro_batches,
+               "tokens": int(values["tokens"]), "padding_fraction":
+                   values["padding_tokens"] / max(values["tokens"] + values["padding_tokens"], 1),
+               "skipped": not finite, "bad_steps": state["bad_steps"]}
+        if self.config.stage == "dpo":
+            pairs = max(values["pairs"], 1)
+            dpo = self.config.dpo
+            names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                     "logps/rejected", "ref_logps/chosen", "ref_logps/rejected"]
+            if dpo.loss_type in ("bco_pair", "mpo") or dpo.sft_weight:  # the loss has several parts
+                names += ["loss/preference"] * (dpo.loss_type != "bco_pair") \
+                    + ["loss/quality"] * (dpo.loss_type in ("bco_pair", "mpo")) \
+                    + ["loss/sft"] * bool(dpo.sft_weight or (dpo.loss_type == "mpo" and dpo.mpo_generation_weight))
+            for name in names:
+                out[name] = values[name] / pairs
+        return out
+
+    def _save(self, pending, step, pmodel, optimizer, scheduler, extra) -> PendingSave:
+        if pending is not None:
+            pending.wait()
+        with nvtx_range("checkpoint"):
+            saved = save_checkpoint(self.out_dir, step=step, pmodel=pmodel, optimizer=optimizer, scheduler=scheduler,
+                                    extra_state=extra, config_dict=self.config.to_dict(),
+                                    keep_last=self.config.train.keep_last, async_save=self.config.train.async_save)
+        if not self.config.train.async_save:
+            saved.wait()
+        return saved
+
+    def _extra_state(self, loaded: LoadedCheckpoint) -> dict:
+        extra = loaded.extra_state
+        if extra is None:  # the saving run had fewer ranks: positions are the same on every rank
+            extra = json.loads((loaded.directory / "rank_state" / "rank_00000.json").read_text())
+        missing = sorted({"data", "reward_mean", "trainer"} - set(extra))
+        if missing:
+            raise CheckpointError(f"{loaded.directory}: rank state lacks {missing}; not written by pivot-mega train")
+        return extra
+
+    def _reference(self, model_config, dims, loader: PackedDataLoader, autocast):
+        c = self.config
+        source = c.dpo.reference_from or c.init_from
+        if c.dpo.reference == "online" or c.dpo.precompute_reference:
+            needs_model = c.dpo.reference == "online" or not _reference_file_fits(c.reference_logps_path,
+                                                                                   loader.shards.fingerprint)
+            if not needs_model:
+                log.info("train: reference log-probs already in %s", c.reference_logps_path)
+                return PrecomputedReference(c.reference_logps_path, loader.shards.fingerprint)
+            reference = self._build_model(model_config, dims, init_from=source, seed=c.train.seed)
+            for param in reference.parameters():
+                param.requires_grad_(False)
+            reference.train(False)
+            if c.dpo.reference == "online":
+                return reference
+            precompute_reference_logps(reference, c, dims, autocast, self.device_type)
+            del reference
+        return PrecomputedReference(c.reference_logps_path, loader.shards.fingerprint)
+
+    def _export(self, pmodel) -> Path:
+        c = self.config
+        final = self.out_dir / "final"
+        unused = {}
+        if c.init_from and dist.get_rank() == 0:
+            init = Path(c.init_from)
+            if (init / "vision_unused.safetensors").is_file():
+                unused = read_safetensors_dir(init, stem="vision_unused")
+        with nvtx_range("export"):
+            export_model(pmodel, final, unused_vision=unused or None)
+        if dist.get_rank() == 0:
+            tokenizer = Path(c.data.tokenizer)
+            for name in TOKENIZER_FILES:
+                if (tokenizer / name).is_file():
+                    shutil.copy2(tokenizer / name, final / name)
+            if c.train.export_hf:
+                from ..convert.hf import export_hf
+                export_hf(final, self.out_dir / "hf" / "llava", format="llava")
+                export_hf(final, self.out_dir / "hf" / "siglip", format="siglip")
+                log.info("train: HF exports in %s", self.out_dir / "hf")
+        dist.barrier()
+        return final
+
+
+def _reference_file_fits(path: Path, fingerprint: str) -> bool:
+    try:
+        PrecomputedReference(path, fingerprint)
+        return True
+    except ReferenceError:
+        return False
+
+
+def precompute_reference_logps(reference: ParallelModel, config: RunConfig, dims, autocast, device_type: str) -> Path:
+    """One reference forward over an epoch of the data → ``config.reference_logps_path`` (JSON,
+    pair id → [chosen sum, rejected sum]). Call on all ranks."""
+    path = config.reference_logps_path
+    model_config = reference.modules[0].config
+    loader = PackedDataLoader(dataclasses.replace(config.data, prefetch=config.data.prefetch),
+                              image_size=model_config.vision.image_size, num_image_tokens=model_config.num_image_tokens,
+                              image_token_id=model_config.image_token_id, rank=dims.dp_rank, world_size=dims.layout.dp,
+                              device_id=torch.cuda.current_device() if device_type == "cuda" else None)
+    device = next(iter(reference.parameters())).device
+    group = max(dims.layout.pp, config.parallel.microbatches) if dims.layout.pp > 1 else 1
+    if config.parallel.pipeline_schedule == "interleaved_1f1b" and dims.layout.pp > 1:
+        group = -(-group // dims.layout.pp) * dims.layout.pp
+    keep = reference.holds_loss and dims.tp_rank == 0
+    found: dict[str, list[float]] = {}
+    duplicates: list[str] = []
+    started = time.perf_counter()
+    batches_iter = iter(loader)
+    done = False
+    try:
+        while not done:
+            batches = []
+            while len(batches) < group:
+                batch = next(batches_iter)
+                if batch.epoch > 0:
+                    done = True
+                    break
+                batches.append(batch)
+            if not batches:
+                break
+            real = len(batches)
+            batches += [blank_batch(batches[-1]) for _ in range(group - real)]  # a schedule wants whole groups
+            firsts, count = [], 0
+            for b in batches:
+                firsts.append(count)
+                count += len(b.pair_segments)
+            mbs = [to_micro_batch(b, device, first_pair=f) for b, f in zip(batches, firsts)]
+            with autocast():
+                outputs = reference.forward_only(mbs, sequence_sums_fn(2 * count))
+            if keep:
+                sums = torch.stack(outputs).sum(0).tolist()
+                ids = [i for b in batches[:real] for i in pair_ids(b)]
+                for k, pair in enumerate(ids):
+                    if pair in found:
+                        duplicates.append(pair)
+                    found[pair] = [sums[2 * k], sums[2 * k + 1]]
+    finally:
+        loader.close()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (found, duplicates))
+    if dist.get_rank() == 0:
+        merged: dict[str, list[float]] = {}
+        duplicates = [d for _, dup in gathered for d in dup]
+        for part, _ in gathered:
+            for pair, values in part.items():
+                if pair in merged:
+                    duplicates.append(pair)
+                merged[pair] = values
+        error = None
+        if duplicates:
+            error = (f"{config.data.shards}: pair id(s) {sorted(set(duplicates))[:10]} occur more than once; "
+                     f"reference log-probs are keyed by pair id, so ids must be unique")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"format": PrecomputedReference.FORMAT, "shards": loader.shards.fingerprint,
+                                       "shards_dir": str(config.data.shards), "reference": config.dpo.reference_from
+                                       or config.init_from, "pairs": merged}) + "\n")
+            os.replace(tmp, path)
+            log.info("train: reference log-probs of %d pairs written to %s in %.1f s", len(merged), path,
+                     time.perf_counter() - started)
+    else:
+        error = None
+    status = [error]
+    dist.broadcast_object_list(status, src=0)
+    if status[0]:
+        raise ReferenceError(status[0])
+    return path
