@@ -33,6 +33,8 @@ setup(
         # the python backend, with Pillow.
         "webdataset==1.0.2",
         "pillow==13.0.0",
+        # eval probe: the logistic-regression probe (LogisticRegression, lbfgs), as PIVOT's probe script.
+        "scikit-learn==1.9.1",
     ],
     extras_require={
         "test": [
