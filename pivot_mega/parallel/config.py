@@ -26,7 +26,8 @@ class ParallelConfig:
     data_parallel_replicate_size: int = 1
     sequence_parallel: bool = False
     # Pipeline: stages per rank (> 1 selects interleaved 1F1B), explicit decoder layers per stage
-    # (empty: an even split), and micro-batches per step.
+    # (empty: an even split), and micro-batches per step (for `pivot-mega train` the minimum: a step
+    # takes as many loader micro-batches as its global batch needs, and at least pp).
     virtual_pipeline_stages: int = 1
     pipeline_layout: list = dataclasses.field(default_factory=list)
     pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"

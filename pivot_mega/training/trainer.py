@@ -158,6 +158,12 @@ class Trainer:
         check_precision(c.precision, self.device_type)
         model_config = self._model_config()
         c.model = model_config  # saved with every checkpoint: the run is self-describing
+        pp = c.parallel.pipeline_model_parallel_size
+        if pp > 1 and c.parallel.microbatches < pp:
+            # A step's micro-batch count comes from the data; parallel.microbatches is its minimum.
+            log.info("train: parallel.microbatches %d -> %d: a pipeline step needs at least one micro-batch "
+                     "per stage", c.parallel.microbatches, pp)
+            c.parallel.microbatches = pp
         dims = build_mesh(c.parallel, model_config, self.device_type)
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(c.train.seed)

@@ -98,7 +98,8 @@ def test_precomputed_reference_gives_the_online_losses(tmp_path):
 
 
 def _run_cli(config: Path, *overrides: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "pivot_mega.cli", "train", str(config), "--set", *overrides],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
