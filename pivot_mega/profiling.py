@@ -1,4 +1,4 @@
-"""Model FLOPs, throughput and MFU.
+"""Model FLOPs, throughput and MFU; NVTX ranges and the profiling windows of a training run.
 
 FLOPs are counted from the config and the batch's actual shapes, as the matmuls the model runs
 (2 x multiply-adds):
@@ -17,16 +17,26 @@ FLOPs are counted from the config and the batch's actual shapes, as the matmuls 
 MFU is model FLOPs per second per device over the device's dense peak for the training dtype
 (``PEAK_TFLOPS``: vendor figures without sparsity). Recomputation from activation checkpointing
 is not counted (it is not model work), so MFU is the same with or without it.
+
+Profiling: ``nvtx_range`` marks phases for Nsight Systems (a no-op on CPU); ``StepProfiler`` opens
+the windows of a ``ProfileConfig``: the nsys capture range (``cudaProfilerStart``/``Stop``, for
+``tools/profile_nsys.sh``) and torch.profiler Chrome traces, which work on CPU too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+
+_log = logging.getLogger(__name__)
 
 # Dense (no sparsity) peak TFLOP/s by device-name fragment and dtype, from the vendors' datasheets.
 PEAK_TFLOPS = {
@@ -122,3 +132,168 @@ class ThroughputMeter:
                 "tflops_per_device": tflops, "mfu": tflops / self.peak if self.peak else None,
                 "data_wait_fraction": self.data_wait / elapsed,
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# NVTX ranges, the Nsight Systems capture window, torch profiler traces
+
+
+class _NoRange:
+    """The CPU (and disabled) stand-in for an NVTX range: enter and exit do nothing."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _NvtxRange:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        torch.cuda.nvtx.range_push(self.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.nvtx.range_pop()
+
+
+_NO_RANGE = _NoRange()
+
+
+@functools.cache
+def _cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def nvtx_range(name: str, enabled: bool = True):
+    """Context manager: an NVTX range ``name`` on CUDA machines (what Nsight Systems shows on its
+    timeline), a shared no-op object on CPU or when ``enabled`` is False. Cost when no profiler is
+    attached: a push and a pop (~1 us); the CUDA check is made once per process."""
+    if enabled and _cuda_present():
+        return _NvtxRange(name)
+    return _NO_RANGE
+
+
+@dataclasses.dataclass
+class ProfileConfig:
+    """What to profile in a training run; steps are the trainer's 1-based step numbers.
+
+    nsys_steps: ``[start, end]``: ``cudaProfilerStart`` before step ``start`` and ``cudaProfilerStop``
+        after step ``end``, for ``nsys profile --capture-range=cudaProfilerApi`` (tools/profile_nsys.sh).
+        CUDA only: on CPU it is a ConfigError (there is nothing for Nsight Systems to capture).
+    torch_steps: ``[start, end]``: a torch.profiler Chrome trace of those steps (CPU and CUDA), written
+        to ``OUT/profile/torch_trace_rank<R>_steps<start>-<end>.json`` (chrome://tracing, Perfetto).
+    nvtx: NVTX ranges per step (``step_<N>``) and around the step's phases, on CUDA.
+    """
+
+    nsys_steps: list[int] | None = None
+    torch_steps: list[int] | None = None
+    nvtx: bool = True
+
+    def validate(self, where: str = "profile", device_type: str | None = None) -> "ProfileConfig":
+        """Checks the step windows; with ``device_type``, also that they can run there."""
+        from .config import ConfigError
+
+        for name in ("nsys_steps", "torch_steps"):
+            window = getattr(self, name)
+            if window is None:
+                continue
+            if not (isinstance(window, (list, tuple)) and len(window) == 2
+                    and all(isinstance(s, int) and not isinstance(s, bool) for s in window)):
+                raise ConfigError(f"{where}.{name}: expected [start, end] (two step numbers), got {window!r}")
+            start, end = window
+            if not 1 <= start <= end:
+                raise ConfigError(f"{where}.{name}: need 1 <= start <= end (steps count from 1), got {list(window)}")
+        if not isinstance(self.nvtx, bool):
+            raise ConfigError(f"{where}.nvtx: expected true/false, got {self.nvtx!r}")
+        if device_type is not None and device_type != "cuda" and self.nsys_steps is not None:
+            raise ConfigError(f"{where}.nsys_steps: Nsight Systems captures CUDA work and this run is on "
+                              f"{device_type}; remove it, or use {where}.torch_steps for a torch profiler trace")
+        return self
+
+
+class StepProfiler:
+    """Opens and closes the profiling windows of a ``ProfileConfig`` as the trainer's steps go by.
+
+        profiler = StepProfiler(config.profile, out_dir, device_type, rank=rank)
+        for step in ...:            # 1-based
+            profiler.step_begin(step)
+            ...                     # nvtx_range(...) / profiler.range(...) around phases
+            profiler.step_end(step)
+        profiler.close()            # also when the run stops early: an open window is closed and written
+
+    Every rank captures (nsys writes one report per process; torch traces are named by rank).
+    """
+
+    def __init__(self, config: ProfileConfig, out_dir: str | os.PathLike, device_type: str, *, rank: int = 0):
+        self.config = config.validate(device_type=device_type)
+        self.out_dir = Path(out_dir) / "profile"
+        self.device_type, self.rank = device_type, rank
+        self._nsys_on = False
+        self._torch = None
+        self._step_ranges: list = []
+        self.trace_paths: list[Path] = []
+
+    def range(self, name: str):
+        """An NVTX range (CUDA, if ``nvtx``) that also shows in the torch trace while one is recorded."""
+        if self._torch is not None:
+            return torch.profiler.record_function(name)
+        return nvtx_range(name, self.config.nvtx)
+
+    def step_begin(self, step: int) -> None:
+        nsys, window = self.config.nsys_steps, self.config.torch_steps
+        if nsys and step == nsys[0] and self.device_type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+            self._nsys_on = True
+        if window and step == window[0]:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device_type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._torch = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False)
+            self._torch.start()
+        for context in (nvtx_range(f"step_{step}", self.config.nvtx),
+                        torch.profiler.record_function(f"step_{step}") if self._torch is not None else None):
+            if context is not None:
+                context.__enter__()
+                self._step_ranges.append(context)
+
+    def step_end(self, step: int) -> None:
+        while self._step_ranges:
+            self._step_ranges.pop().__exit__(None, None, None)
+        window, nsys = self.config.torch_steps, self.config.nsys_steps
+        if self._torch is not None and window and step >= window[1]:
+            self._write_torch_trace(window)
+        if self._nsys_on and nsys and step >= nsys[1]:
+            self._stop_nsys()
+
+    def close(self) -> None:
+        """Closes whatever is still open (a run that ended inside a window): the partial torch trace is
+        written, the nsys capture stopped."""
+        while self._step_ranges:
+            self._step_ranges.pop().__exit__(None, None, None)
+        if self._torch is not None:
+            self._write_torch_trace(self.config.torch_steps)
+        if self._nsys_on:
+            self._stop_nsys()
+
+    def _write_torch_trace(self, window) -> None:
+        self._torch.stop()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"torch_trace_rank{self.rank}_steps{window[0]}-{window[1]}.json"
+        self._torch.export_chrome_trace(str(path))
+        self._torch = None
+        self.trace_paths.append(path)
+        _log.info("profile: torch profiler trace of steps %d-%d written to %s", window[0], window[1], path)
+
+    def _stop_nsys(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        self._nsys_on = False

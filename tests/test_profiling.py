@@ -1,11 +1,16 @@
 """FLOP accounting vs torch's FlopCounterMode on a real forward/backward; MFU arithmetic."""
 
+import json
+
 import pytest
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kernels import linear_logprob
 from pivot_mega.models.layers import PackedSeqs
-from pivot_mega.profiling import ThroughputMeter, attended_pairs, forward_flops, peak_tflops, step_flops
+from pivot_mega.config import ConfigError, from_dict
+from pivot_mega.profiling import (ProfileConfig, StepProfiler, ThroughputMeter, attended_pairs, forward_flops,
+                                  nvtx_range, peak_tflops, step_flops)
 from tests.parallel.test_equivalence import make_batch, split, tiny_config
 
 
@@ -72,3 +77,85 @@ def test_peak_table_and_mfu():
     summary = meter.summary()
     assert summary["mfu"] == pytest.approx(0.5, rel=1e-3)
     assert summary["tokens_per_s"] == pytest.approx(1000, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# NVTX ranges, profile config, torch profiler traces
+
+
+def test_nvtx_range_is_a_noop_on_cpu(monkeypatch):
+    import pivot_mega.profiling as profiling
+
+    assert not torch.cuda.is_available()
+    pushed = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: pushed.append(name))
+    with nvtx_range("forward") as first, nvtx_range("backward") as second:
+        pass
+    assert first is second  # one shared object: nothing allocated per call
+    assert pushed == []
+    # On CUDA the same call pushes and pops a range (the CUDA check is cached per process).
+    monkeypatch.setattr(profiling, "_cuda_present", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: pushed.append("pop"))
+    with nvtx_range("forward"):
+        pushed.append("inside")
+    with nvtx_range("off", enabled=False):
+        pass
+    assert pushed == ["forward", "inside", "pop"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(torch_steps=[3]), r"expected \[start, end\]"),
+    (dict(nsys_steps=[5, 4]), "need 1 <= start <= end"),
+    (dict(torch_steps=[0, 2]), "need 1 <= start <= end"),
+    (dict(nsys_steps=["a", 2]), r"expected \[start, end\]"),
+    (dict(nvtx="yes"), "expected true/false"),
+])
+def test_profile_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ProfileConfig(**kwargs).validate()
+
+
+def test_profile_config_device_rules_and_yaml():
+    config = from_dict(ProfileConfig, {"nsys_steps": [10, 12], "torch_steps": [3, 4]}, where="profile")
+    assert config.validate(device_type="cuda") is config
+    with pytest.raises(ConfigError, match="nsys_steps: Nsight Systems captures CUDA work and this run is on cpu"):
+        config.validate(device_type="cpu")
+    with pytest.raises(ConfigError, match="nsys_steps"):
+        StepProfiler(config, "unused", "cpu")
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ProfileConfig, {"nsys": [1, 2]}, where="profile")
+
+
+def _train_steps(profiler: StepProfiler, steps: range, model, data) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in steps:
+        profiler.step_begin(step)
+        with profiler.range("forward_backward"):
+            model(data).square().mean().backward()
+        with profiler.range("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad()
+        profiler.step_end(step)
+
+
+def test_torch_steps_write_a_chrome_trace_on_cpu(tmp_path):
+    model, data = torch.nn.Linear(16, 16), torch.randn(8, 16)
+    profiler = StepProfiler(ProfileConfig(torch_steps=[3, 4]), tmp_path, "cpu", rank=1)
+    _train_steps(profiler, range(1, 7), model, data)
+    profiler.close()
+    path = tmp_path / "profile" / "torch_trace_rank1_steps3-4.json"
+    assert profiler.trace_paths == [path]
+    trace = json.loads(path.read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"step_3", "step_4", "forward_backward", "optimizer"} <= names
+    assert not {"step_2", "step_5"} & names
+    assert any(name and name.startswith("aten::addmm") for name in names)  # the ops inside the steps
+
+
+def test_run_ending_inside_the_window_still_writes_it(tmp_path):
+    model, data = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    profiler = StepProfiler(ProfileConfig(torch_steps=[2, 10]), tmp_path, "cpu")
+    _train_steps(profiler, range(1, 4), model, data)  # stopped (a signal) at step 3
+    profiler.close()
+    trace = json.loads((tmp_path / "profile" / "torch_trace_rank0_steps2-10.json").read_text())
+    assert {"step_2", "step_3"} <= {event.get("name") for event in trace["traceEvents"]}

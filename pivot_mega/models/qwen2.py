@@ -25,13 +25,18 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=True)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, S, H]`` → q ``[B, S, Hq*D]``, k and v ``[B, S, Hkv*D]`` (a fused TE layer replaces this)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 packed: PackedSeqs | None) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         shape = (batch, seqlen, -1, self.head_dim)
-        q = apply_rope(self.q_proj(x).view(shape), cos, sin)
-        k = apply_rope(self.k_proj(x).view(shape), cos, sin)
-        v = self.v_proj(x).view(shape)
+        q, k, v = self.project_qkv(x)
+        q = apply_rope(q.view(shape), cos, sin)
+        k = apply_rope(k.view(shape), cos, sin)
+        v = v.view(shape)
         out = attention(q, k, v, causal=True, packed=packed, backend=self.backend)
         return self.o_proj(out.reshape(batch, seqlen, -1))
 

@@ -53,8 +53,12 @@ class SiglipAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[N, S, D]`` → q, k, v ``[N, S, D]`` (a fused TE layer replaces this)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(proj(x), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (_heads(t, self.head_dim) for t in self.project_qkv(x))
         # Every image has the same number of patches, so the tower never needs a packed layout.
         out = attention(q, k, v, causal=False, backend="sdpa" if self.backend == "auto" else self.backend)
         return self.out_proj(out.flatten(2))

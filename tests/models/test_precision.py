@@ -1,0 +1,396 @@
+"""Precision backends: config rules, availability checks, torchao float8 (CPU, one and two processes),
+the Transformer Engine module swap and its names (with a stand-in for TE; the real one where installed)."""
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pivot_mega.config import ConfigError, LanguageConfig, ModelConfig, VisionConfig, from_dict
+from pivot_mega.models import VisionLanguageModel
+from pivot_mega.models import precision as prec
+from pivot_mega.models.precision import (PrecisionConfig, PrecisionUnavailableError, apply_precision,
+                                         check_precision, convert_to_te, float8_module_filter,
+                                         portable_to_te, precision_autocast, te_parameter_names,
+                                         te_to_portable)
+from tests.distributed import require_procs, run_workers
+from tests.models.fake_te import FakeRecipe, fake_te
+
+HAS_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
+def fp8_config(*, intermediate=64, vision_intermediate=48, tie=False, attention="sdpa") -> ModelConfig:
+    """Every tower dim a multiple of 16 unless asked otherwise; 16 patches per image."""
+    return ModelConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=vision_intermediate, num_hidden_layers=3,
+                            num_attention_heads=2, image_size=32, patch_size=8),
+        language=LanguageConfig(vocab_size=128, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4,
+                                max_position_embeddings=256, tie_word_embeddings=tie),
+        image_token_id=127, attention=attention)
+
+
+def batch(config: ModelConfig, seed: int, rows=2, seqlen=48):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.image_token_id, (rows, seqlen), generator=gen)
+    ids[:, 2:2 + config.num_image_tokens] = config.image_token_id
+    size = config.vision.image_size
+    pixels = torch.randn(rows, 3, size, size, generator=gen)
+    labels = torch.randint(0, config.language.vocab_size, (rows, seqlen), generator=gen)
+    return ids, pixels, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# config rules
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fp8="te_delayed"), "needs precision.backend: te"),
+    (dict(fp8="te_current"), "needs precision.backend: te"),
+    (dict(backend="te", fp8="torchao"), "needs precision.backend: torch"),
+    (dict(fp8="torchao", fp8_format="e4m3"), "fp8_format: applies only to fp8: te_delayed | te_current"),
+    (dict(backend="te", fp8="te_current", amax_history_len=16), "amax_history_len: applies only to fp8: te_delayed"),
+    (dict(backend="te", fp8="te_delayed", torchao_recipe="rowwise"), "torchao_recipe: applies only to fp8: torchao"),
+    (dict(te_fuse_norms=True), "te_fuse_norms: applies only to backend: te"),
+    (dict(backend="te", fp8="te_delayed", amax_history_len=0), "amax_history_len: must be an integer >= 1"),
+    (dict(fp8="fp4"), "precision.fp8: 'fp4' is not one of"),
+])
+def test_impossible_combinations_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PrecisionConfig(**kwargs).validate()
+
+
+def test_valid_combinations_and_yaml_keys():
+    for kwargs in (dict(), dict(fp8="torchao", torchao_recipe="rowwise"), dict(backend="te"),
+                   dict(backend="te", fp8="te_delayed", amax_history_len=16, amax_compute_algo="most_recent"),
+                   dict(backend="te", fp8="te_current", fp8_format="e4m3", te_fuse_norms=True)):
+        PrecisionConfig(**kwargs).validate()
+    # The run config reads the section with the project's typed loader: unknown keys are errors.
+    config = from_dict(PrecisionConfig, {"backend": "te", "fp8": "te_delayed"}, where="precision")
+    assert config.validate().amax_history_len == 1024
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(PrecisionConfig, {"fp8_recipe": "delayed"}, where="precision")
+
+
+# ----------------------------------------------------------------------------------------------
+# availability checks: clear errors, no fallback
+
+
+def test_te_requested_without_te_or_gpu():
+    with pytest.raises(PrecisionUnavailableError, match="CUDA GPUs only and this run is on cpu"):
+        check_precision(PrecisionConfig(backend="te"), "cpu")
+    if not HAS_TE:
+        with pytest.raises(PrecisionUnavailableError, match=r"needs Transformer Engine.*NGC PyTorch containers"):
+            check_precision(PrecisionConfig(backend="te"), "cuda")
+        with pytest.raises(PrecisionUnavailableError, match="import transformer_engine.pytorch"):
+            apply_precision(VisionLanguageModel(fp8_config()), PrecisionConfig(backend="te"))
+        with pytest.raises(PrecisionUnavailableError, match="needs Transformer Engine"):
+            precision_autocast(PrecisionConfig(backend="te", fp8="te_delayed"))
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size 2"):
+        check_precision(PrecisionConfig(backend="te"), "cuda", tensor_parallel_size=2)
+
+
+def _fake_gpu(monkeypatch, capability, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+
+
+def test_fp8_needs_capability_8_9(monkeypatch):
+    _fake_gpu(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(PrecisionUnavailableError, match=r"compute capability >= 8\.9.*A100-SXM4-80GB has 8\.0"):
+        check_precision(PrecisionConfig(fp8="torchao"), "cuda")
+    with pytest.raises(PrecisionUnavailableError, match="8.0"):
+        check_precision(PrecisionConfig(backend="te", fp8="te_delayed"), "cuda")
+    _fake_gpu(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
+    check_precision(PrecisionConfig(fp8="torchao"), "cuda")  # torchao is installed: nothing missing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(PrecisionUnavailableError, match="torch sees no CUDA device"):
+        check_precision(PrecisionConfig(fp8="torchao"), "cuda")
+
+
+def test_torchao_on_cpu_rule(monkeypatch):
+    # torch 2.13's CPU build multiplies float8 tensors (torch._scaled_mm), so the check passes here...
+    assert prec._cpu_scaled_mm_error() == ""
+    check_precision(PrecisionConfig(fp8="torchao"), "cpu")
+    check_precision(PrecisionConfig(), "cpu")
+    # ...and names the missing kernel on a torch without it.
+    monkeypatch.setattr(prec, "_cpu_scaled_mm_error", lambda: "NotImplementedError: no CPU kernel")
+    with pytest.raises(PrecisionUnavailableError, match="torch._scaled_mm for CPU float8.*no CPU kernel"):
+        check_precision(PrecisionConfig(fp8="torchao"), "cpu")
+
+
+def test_torchao_missing_is_named(monkeypatch):
+    real = importlib.import_module
+
+    def no_torchao(name, *args):
+        if name.startswith("torchao"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(prec.importlib, "import_module", no_torchao)
+    with pytest.raises(PrecisionUnavailableError, match=r"torchao==0\.18\.0"):
+        check_precision(PrecisionConfig(fp8="torchao"), "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchao float8
+
+
+def _float8_names(model: nn.Module) -> set[str]:
+    from torchao.float8.float8_linear import Float8Linear
+
+    return {name for name, module in model.named_modules() if isinstance(module, Float8Linear)}
+
+
+def test_float8_filter_skips_head_projector_and_odd_dims():
+    # Language MLP of 40 (not a multiple of 16): gate/up/down stay high precision; untied head too.
+    model = VisionLanguageModel(fp8_config(intermediate=40))
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    apply_precision(model, PrecisionConfig(fp8="torchao"))
+    converted = _float8_names(model)
+    language_attention = {name for name in linears if name.startswith("language.layers.") and ".self_attn." in name}
+    assert converted == {name for name in linears if name.startswith("vision.")} | language_attention
+    assert "language.lm_head" in linears and "language.lm_head" not in converted
+    assert not any(name.startswith("projector.") for name in converted)
+    assert not any(name.startswith("language.layers.") and ".mlp." in name for name in converted)
+    assert float8_module_filter(nn.Linear(32, 48), "vision.layers.0.mlp.fc1")
+    assert not float8_module_filter(nn.Linear(32, 40), "vision.layers.0.mlp.fc1")
+    assert not float8_module_filter(nn.Linear(32, 128), "language.lm_head")
+    assert not float8_module_filter(nn.Linear(32, 32), "projector.linear_1")
+
+
+def test_float8_converts_on_the_meta_device():
+    with torch.device("meta"):
+        model = VisionLanguageModel(fp8_config())
+    apply_precision(model, PrecisionConfig(fp8="torchao"))
+    assert len(_float8_names(model)) == 2 * 6 + 2 * 7
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    from pivot_mega.models.mllm import init_parameters
+
+    init_parameters(model, seed=0)  # the init by name that parallelize uses still finds every parameter
+    ids, pixels, _ = batch(model.config, 0)
+    assert torch.isfinite(model(ids, pixels)).all()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_training_tracks_fp32(recipe, seed):
+    """12 AdamW steps memorising one batch: FP8 and FP32 losses within 5 % of each other at every step
+    (measured: <= 2 %), both falling below 60 % of the start; first-step hidden states differ by
+    0.5-5 % (FP8 rounding is really applied: E4M3 keeps 3 mantissa bits)."""
+    config = fp8_config()
+    reference = VisionLanguageModel(config).init_weights(seed)
+    model = copy.deepcopy(reference)
+    apply_precision(model, PrecisionConfig(fp8="torchao", torchao_recipe=recipe))
+    assert len(_float8_names(model)) == 26
+    ids, pixels, labels = batch(config, seed)
+    with torch.no_grad():
+        want, got = reference(ids, pixels, return_hidden=True), model(ids, pixels, return_hidden=True)
+    hidden_err = ((got - want).norm() / want.norm()).item()
+    assert 5e-3 < hidden_err < 5e-2
+
+    def train(m):
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(12):
+            with precision_autocast(PrecisionConfig(fp8="torchao", torchao_recipe=recipe)):
+                loss = F.cross_entropy(m(ids, pixels).flatten(0, 1), labels.flatten())
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    fp32, fp8 = train(reference), train(model)
+    worst = max(abs(a - b) / a for a, b in zip(fp32, fp8))
+    print(f"{recipe}: hidden rel err {hidden_err:.3e}, worst loss rel diff {worst:.3e}, "
+          f"loss {fp32[0]:.3f} -> fp32 {fp32[-1]:.3f} / fp8 {fp8[-1]:.3f}")
+    assert worst < 0.05
+    assert fp32[-1] < 0.6 * fp32[0] and fp8[-1] < 0.6 * fp8[0]
+
+
+def _float8_parallel_worker(rank, world_size, parallel, config, seed):
+    from pivot_mega.parallel import MicroBatch, build_mesh, lm_loss, parallelize
+
+    dims = build_mesh(parallel, config, device_type="cpu")
+    with torch.device("meta"):
+        model = VisionLanguageModel(config)
+    apply_precision(model, PrecisionConfig(fp8="torchao"))
+    pmodel = parallelize(model, dims, seed=seed, device="cpu")
+    ids, pixels, labels = batch(config, seed, rows=4, seqlen=32)
+    total = int((labels != -100).sum())
+    rows = slice(dims.dp_rank * 4 // dims.layout.dp, (dims.dp_rank + 1) * 4 // dims.layout.dp)
+    positions = torch.arange(32).expand(4, 32)
+    micro = [MicroBatch(ids[rows], positions[rows], pixels[rows], labels[rows])]
+    loss = pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total, dims.layout.dp))
+    if dims.layout.dp > 1:  # each rank's loss is scaled by dp (see lm_loss): the mean over ranks is the loss
+        torch.distributed.all_reduce(loss)
+        loss /= dims.layout.dp
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in pmodel.named_parameters()}
+    return loss.item(), grads
+
+
+@pytest.mark.multiproc
+@require_procs(2)
+@pytest.mark.parametrize("layout", ["tp2", "fsdp2"])
+def test_float8_composes_with_tp_and_fsdp(layout, seed):
+    """torchao float8 converted on the meta device, then TP (DTensor plans) or FSDP2: the same loss and
+    gradients as one process running the same float8 model. Dynamic scales come from the tensors a
+    rank sees: TP reduces the amax of sharded tensors over the shards (the single-process scales), and
+    a data-parallel rank scales its own rows, which one process reproduces by running each rank's rows
+    as a micro-batch of its own (measured: <= 4e-7 of the largest gradient either way)."""
+    from pivot_mega.parallel import ParallelConfig, lm_loss
+
+    config = fp8_config()
+    parallel = ParallelConfig(tensor_model_parallel_size=2) if layout == "tp2" else ParallelConfig()
+    model = VisionLanguageModel(config).init_weights(seed)
+    apply_precision(model, PrecisionConfig(fp8="torchao"))
+    ids, pixels, labels = batch(config, seed, rows=4, seqlen=32)
+    total = int((labels != -100).sum())
+    loss = 0.0
+    for rows in ([slice(0, 4)] if layout == "tp2" else [slice(0, 2), slice(2, 4)]):
+        hidden = model(ids[rows], pixels[rows], return_hidden=True)
+        micro_loss = lm_loss(hidden, model.language.head_weight, labels[rows], total)
+        micro_loss.backward()
+        loss += micro_loss.item()
+    results = run_workers(_float8_parallel_worker, 2, parallel, config, seed)
+    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    for got_loss, grads in results:
+        assert got_loss == pytest.approx(loss, rel=1e-5)
+        assert grads.keys() == dict(model.named_parameters()).keys()
+        for name, param in model.named_parameters():
+            err = (grads[name] - param.grad).abs().max().item() / scale
+            assert err < 1e-5, (layout, name, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer Engine module swap (stand-in TE)
+
+
+def test_te_swap_keeps_names_and_numbers(seed):
+    config = fp8_config(tie=True)
+    reference = VisionLanguageModel(config).init_weights(seed)
+    model = copy.deepcopy(reference)
+    te = fake_te()
+    convert_to_te(model, te)
+    assert dict(reference.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if type(m).__module__.endswith("fake_te")}
+    assert kinds["language.layers.0.self_attn.q_proj"] == "Linear"
+    assert kinds["language.layers.1.input_layernorm"] == "RMSNorm"
+    assert kinds["language.norm"] == "RMSNorm"
+    assert kinds["vision.layers.0.layer_norm2"] == "LayerNorm"
+    assert kinds["vision.layers.1.mlp.fc2"] == "Linear"
+    assert not any(name.startswith(("projector", "language.embed_tokens")) for name in kinds)
+    assert model.get_submodule("vision.layers.0.layer_norm1").init_kwargs["eps"] == config.vision.layer_norm_eps
+    assert model.get_submodule("language.layers.0.self_attn.o_proj").init_kwargs["bias"] is False
+    ids, pixels, _ = batch(config, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixels), reference(ids, pixels), rtol=1e-5, atol=1e-5)
+    # An explicit attention backend is kept (sdpa here); auto becomes TE's DotProductAttention.
+    assert model.language.layers["0"].self_attn.backend == "sdpa"
+    auto = VisionLanguageModel(fp8_config(attention="auto"))
+    convert_to_te(auto, te)
+    assert {layer.self_attn.backend for layer in auto.language.layers.values()} == {"te"}
+    assert {layer.self_attn.backend for layer in auto.vision.layers} == {"te"}
+
+
+def test_te_fused_norms_rename_only(seed):
+    config = fp8_config(tie=False)
+    reference = VisionLanguageModel(config).init_weights(seed)
+    model = copy.deepcopy(reference)
+    convert_to_te(model, fake_te(), fuse_norms=True)
+    names = te_parameter_names(config, fuse_norms=True)
+    portable = reference.state_dict()
+    # Every parameter is there once, under its mapped name, same shape: a pure rename, nothing joined.
+    assert set(model.state_dict()) == {names.get(n, n) for n in portable}
+    assert len(set(names.values())) == len(names)
+    for name, tensor in portable.items():
+        assert model.state_dict()[names.get(name, name)].shape == tensor.shape
+    qkv = model.get_submodule("language.layers.0.self_attn.qkv")
+    assert qkv.init_kwargs["normalization"] == "RMSNorm"
+    assert qkv.init_kwargs["parameters_split"] == {"q_proj": 32, "k_proj": 16, "v_proj": 16}
+    vision_mlp = model.get_submodule("vision.layers.1.mlp")
+    assert type(vision_mlp).__name__ == "LayerNormMLP"
+    assert (vision_mlp.init_kwargs["normalization"], vision_mlp.init_kwargs["activation"]) == ("LayerNorm", "gelu")
+    gate_up = model.get_submodule("language.layers.1.mlp.gate_up")
+    assert gate_up.init_kwargs["parameters_split"] == {"gate_proj": 64, "up_proj": 64}
+    assert names["language.layers.1.post_attention_layernorm.weight"] == "language.layers.1.mlp.gate_up.layer_norm_weight"
+    assert names["vision.layers.0.layer_norm1.bias"] == "vision.layers.0.self_attn.qkv.layer_norm_bias"
+
+    ids, pixels, _ = batch(config, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixels), reference(ids, pixels), rtol=1e-5, atol=1e-5)
+    # Portable checkpoints load through the rename, and come back out unchanged.
+    fresh = VisionLanguageModel(config)
+    convert_to_te(fresh, fake_te(), fuse_norms=True)
+    fresh.load_state_dict(portable_to_te(portable, config, fuse_norms=True), strict=True)
+    back = te_to_portable(fresh.state_dict(), config, fuse_norms=True)
+    assert back.keys() == portable.keys()
+    assert all(torch.equal(back[n], portable[n]) for n in portable)
+    assert te_parameter_names(config, fuse_norms=False) == {}
+
+
+def test_te_swap_on_meta_device():
+    with torch.device("meta"):
+        model = VisionLanguageModel(fp8_config())
+    convert_to_te(model, fake_te(), fuse_norms=True)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_precision_autocast_recipes():
+    assert isinstance(precision_autocast(PrecisionConfig()), contextlib.nullcontext)
+    assert isinstance(precision_autocast(PrecisionConfig(fp8="torchao")), contextlib.nullcontext)
+    assert isinstance(precision_autocast(PrecisionConfig(backend="te")), contextlib.nullcontext)
+    calls = []
+
+    class NewTE:  # TE >= 2.8: autocast(enabled, calibrating, recipe, amax_reduction_group)
+        @staticmethod
+        def autocast(enabled=True, calibrating=False, recipe=None, amax_reduction_group=None):
+            calls.append(("autocast", recipe, amax_reduction_group))
+            return contextlib.nullcontext()
+
+    class OldTE:  # TE 1.x / early 2.x
+        @staticmethod
+        def fp8_autocast(enabled=False, calibrating=False, fp8_recipe=None, fp8_group=None):
+            calls.append(("fp8_autocast", fp8_recipe, fp8_group))
+            return contextlib.nullcontext()
+
+    delayed = PrecisionConfig(backend="te", fp8="te_delayed", amax_history_len=16, amax_compute_algo="most_recent")
+    with precision_autocast(delayed, amax_group="dp", te=NewTE, recipe_module=FakeRecipe):
+        pass
+    current = PrecisionConfig(backend="te", fp8="te_current", fp8_format="e4m3")
+    with precision_autocast(current, te=OldTE, recipe_module=FakeRecipe):
+        pass
+    (kind1, recipe1, group1), (kind2, recipe2, group2) = calls
+    assert (kind1, group1, type(recipe1).__name__) == ("autocast", "dp", "DelayedScaling")
+    assert vars(recipe1) == {"fp8_format": "HYBRID", "amax_history_len": 16, "amax_compute_algo": "most_recent"}
+    assert (kind2, group2, type(recipe2).__name__) == ("fp8_autocast", None, "Float8CurrentScaling")
+    assert vars(recipe2) == {"fp8_format": "E4M3"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the real Transformer Engine (NGC containers, CUDA)
+
+
+@pytest.mark.skipif(not (HAS_TE and torch.cuda.is_available()),
+                    reason="needs Transformer Engine (NGC PyTorch containers ship it) and a CUDA GPU")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_real_te_names_and_forward(fuse, seed):
+    config = dataclasses.replace(fp8_config(tie=False), attention="sdpa")
+    reference = VisionLanguageModel(config).init_weights(seed).cuda()
+    model = copy.deepcopy(reference)
+    check_precision(PrecisionConfig(backend="te", te_fuse_norms=fuse), "cuda")
+    apply_precision(model, PrecisionConfig(backend="te", te_fuse_norms=fuse))
+    names = te_parameter_names(config, fuse_norms=fuse)
+    assert set(model.state_dict()) >= {names.get(n, n) for n in reference.state_dict()}
+    ids, pixels, _ = (t.cuda() for t in batch(config, seed))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(ids, pixels).float(), reference(ids, pixels).float(), rtol=2e-2, atol=2e-2)
