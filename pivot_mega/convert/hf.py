@@ -398,9 +398,11 @@ def _hf_text(language) -> dict:
 
 
 def _preprocessor(vision: VisionConfig) -> dict:
+    # Bilinear (PIL's is antialiased), as the training loader resizes (DALI's linear filter), so models
+    # are evaluated on the pixels they were trained on; SigLIP's own processors use bicubic.
     return {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
             "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-            "rescale_factor": 1 / 255, "resample": 3,
+            "rescale_factor": 1 / 255, "resample": 2,
             "size": {"height": vision.image_size, "width": vision.image_size}}
 
 
@@ -441,5 +443,55 @@ def export_hf(ckpt, out, *, format: str = "llava", max_shard_bytes: int = DEFAUL
           "vision_config": vision_hf, "text_config": _hf_text(config.language)}
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(config.vision), indent=2) + "\n")
-    copy_tokenizer(ckpt, out)
+    if copy_tokenizer(ckpt, out):
+        _make_processor(out, config)
     return out
+
+
+LLAVA_IMAGE_TOKEN = "<image>"
+
+
+def _make_processor(out: Path, config: ModelConfig) -> None:
+    """Makes the export loadable with ``AutoProcessor`` as ``LlavaProcessor`` (lmms-eval's ``llava_hf``).
+
+    LlavaProcessor expands the text ``<image>`` into ``image_seq_length`` image tokens; Qwen2.5 names
+    its image token ``<|image_pad|>``, so in the exported tokenizer files that token (same id) is
+    renamed ``<image>``. The processor config gives the patch size and the ``full`` feature strategy
+    (every patch token, no CLS), which LlavaProcessor needs to count the tokens.
+    """
+    tokenizer_json = out / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text())
+        added = data.get("added_tokens", [])
+        image = next((t for t in added if t["id"] == config.image_token_id), None)
+        taken = any(t["content"] == LLAVA_IMAGE_TOKEN and t["id"] != config.image_token_id for t in added)
+        if image is None or taken:
+            problem = ("is not one of its added tokens" if image is None
+                       else f"is not {LLAVA_IMAGE_TOKEN}, which names another token")
+            log.warning("export %s: the image token (id %d) %s in %s; the model loads, but AutoProcessor will not "
+                        "make LlavaProcessor inputs for it (no processor_config.json written)", out,
+                        config.image_token_id, problem, tokenizer_json)
+            return
+        old = image["content"]
+        if old != LLAVA_IMAGE_TOKEN:
+            image["content"] = LLAVA_IMAGE_TOKEN
+            vocab = data.get("model", {}).get("vocab")
+            if isinstance(vocab, dict) and old in vocab:
+                vocab[LLAVA_IMAGE_TOKEN] = vocab.pop(old)
+            tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+            config_path = out / "tokenizer_config.json"
+            if config_path.is_file():
+                tok_config = json.loads(config_path.read_text())
+                entry = tok_config.get("added_tokens_decoder", {}).get(str(config.image_token_id))
+                if entry is not None:
+                    entry["content"] = LLAVA_IMAGE_TOKEN
+                for key in ("additional_special_tokens", "extra_special_tokens"):
+                    value = tok_config.get(key)
+                    if isinstance(value, list) and old in value:
+                        tok_config[key] = [LLAVA_IMAGE_TOKEN if v == old else v for v in value]
+                tok_config["image_token"] = LLAVA_IMAGE_TOKEN
+                config_path.write_text(json.dumps(tok_config, ensure_ascii=False, indent=2) + "\n")
+    processor = {"processor_class": "LlavaProcessor", "patch_size": config.vision.patch_size,
+                 "vision_feature_select_strategy": "full", "num_additional_image_tokens": 0,
+                 "image_token": LLAVA_IMAGE_TOKEN}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

@@ -243,6 +243,63 @@ def test_fresh_model_export_loads_in_transformers(tmp_path, seed):
         assert rel_err(model(ids, pixels), reloaded(input_ids=ids, pixel_values=pixels).logits) <= TOL
 
 
+def _qwen_like_tokenizer(directory):
+    """A byte-level BPE with Qwen2.5's special tokens only (no ``<image>``), saved as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                  "<|image_pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["what is in this image? a cat on a mat."] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(directory)
+    return directory
+
+
+def _token_id(directory, text):
+    import json
+    data = json.loads((directory / "tokenizer.json").read_text())
+    return next(t["id"] for t in data["added_tokens"] if t["content"] == text)
+
+
+def test_llava_export_runs_through_autoprocessor(tmp_path, seed):
+    """lmms-eval's path: AutoProcessor expands ``<image>`` and the exported model gives our logits."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from pivot_mega.config import load_model_config
+    from pivot_mega.models import VisionLanguageModel
+    from pivot_mega.models.checkpoint_io import save_model
+    tokenizer = _qwen_like_tokenizer(tmp_path / "tok")
+    config = load_model_config("examples/configs/model_tiny.yaml", [f"image_token_id={_token_id(tokenizer, '<|image_pad|>')}"])
+    model = VisionLanguageModel(config).init_weights(seed).eval()
+    save_model(model, tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "ckpt" / name).write_bytes((tokenizer / name).read_bytes())
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    inputs = processor(text="<image>\nwhat is in this image?", images=image, return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == config.num_image_tokens
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        ours = model(inputs["input_ids"], inputs["pixel_values"])
+        theirs = reloaded(**inputs).logits
+    assert rel_err(ours, theirs) <= TOL
+    # The pixels the processor makes are those our loader makes (SigLIP resize + normalisation).
+    from pivot_mega.data.images import make_image_decoder
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    pixels = make_image_decoder("python", image_size=config.vision.image_size, num_threads=1)([buffer.getvalue()])
+    assert float((pixels - inputs["pixel_values"]).abs().max()) <= 2 / 127.5
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pivot_mega.config import load_yaml
 from pivot_mega.data.shards import BuildOptions, build_shards
-from tests.data.helpers import dpo_rows, llava_rows, make_tokenizer, write_images, write_json
+from tests.data.helpers import dpo_rows, image_token_id, llava_rows, make_tokenizer, write_images, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = REPO / "examples" / "configs" / "model_tiny.yaml"
@@ -66,7 +66,8 @@ def write_tiny_run(directory: str | Path, stage: str = "dpo", overrides: list[st
                      BuildOptions(samples_per_shard=8, workers=1, progress=False))
     config = {
         "stage": stage,
-        "model": load_yaml(TINY_MODEL),
+        # The tokenizer's <|image_pad|> marks image positions, as Qwen2.5's does.
+        "model": {**load_yaml(TINY_MODEL), "image_token_id": image_token_id(tokenizer)},
         "data": {"shards": str(shards), "tokenizer": str(tokenizer), "mode": mode, "template": template,
                  "max_seq_len": 320 if mode == "dpo" else 192, "micro_batch_rows": 1, "window_size": 64,
                  "backend": "python", "num_threads": 1, "prefetch": 1, "seed": seed},

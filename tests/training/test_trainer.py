@@ -41,7 +41,8 @@ def test_the_four_stages_chain_and_train_only_their_towers(tmp_path):
     """1a → 1b → SFT → DPO, each from the previous stage's export; frozen towers stay bitwise equal."""
     previous = None
     for stage in ("pretrain_projector", "pretrain_full", "sft", "dpo"):
-        config = write_tiny_run(tmp_path / stage, stage, ["train.max_steps=3", "train.tensorboard=true"])
+        config = write_tiny_run(tmp_path / stage, stage, ["train.max_steps=3", "train.tensorboard=true",
+                                                          f"train.export_hf={stage == 'dpo'}"])
         overrides = [f"init_from={previous}"] if previous else []
         summary = train(config, *overrides)
         out = tmp_path / stage / "out"
@@ -51,6 +52,9 @@ def test_the_four_stages_chain_and_train_only_their_towers(tmp_path):
         assert any((out / "tensorboard").iterdir())
         if stage == "dpo":
             assert all(k in rows[0] for k in DPO_KEYS)
+            from transformers import LlavaForConditionalGeneration, SiglipVisionModel
+            LlavaForConditionalGeneration.from_pretrained(out / "hf" / "llava")
+            SiglipVisionModel.from_pretrained(out / "hf" / "siglip")
             assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
 
         _, before, _ = read_checkpoint(previous) if previous else (None, _initial_tensors(config), None)
