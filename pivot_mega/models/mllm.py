@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..profiling import nvtx_range
 from .layers import PackedSeqs
 from .projector import Projector
 from .qwen2 import Qwen2LanguageModel
@@ -48,7 +49,10 @@ class VisionLanguageModel(nn.Module):
         shown (a DPO pair's chosen and rejected sequences share theirs), and its gradient is the sum
         over its uses. → ``[N_runs, T, H_llm]``.
         """
-        features = self.projector(self.vision(pixel_values))
+        with nvtx_range("vision_encode"):
+            patches = self.vision(pixel_values)
+        with nvtx_range("projector"):
+            features = self.projector(patches)
         return features if image_index is None else features[image_index]
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +77,8 @@ class VisionLanguageModel(nn.Module):
                 max_seqlen = int(cu_seqlens.diff().max())
             packed = PackedSeqs(cu_seqlens, max_seqlen).validate(*input_ids.shape)
         features = self.encode_images(pixel_values, image_index) if pixel_values is not None else None
-        hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
+        with nvtx_range("llm_forward"):
+            hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
         return hidden if return_hidden else self.language.logits(hidden)
 
     # ------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..models.layers import PackedSeqs
+from ..profiling import nvtx_range
 from ..models.mllm import VisionLanguageModel, initial_value
 from .config import Layout, ParallelConfig, resolve_layout, stage_layer_ranges
 from .data_parallel import apply_fsdp
@@ -94,7 +95,8 @@ class ParallelModel:
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last one
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
                 loss = loss_fn(self._hidden(model, mb), self.head_weight(model), mb.labels)
-                loss.backward()
+                with nvtx_range("backward"):
+                    loss.backward()
                 total += loss.detach()
             return total
         losses = self._pipelined(microbatches, loss_fn, train=True)

@@ -67,10 +67,15 @@ def init_distributed(launch: LaunchEnv | None = None, device_type: str | None = 
     if device_type == "cuda":
         torch.cuda.set_device(launch.local_rank)
     if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if launch.world_size == 1:
+            # One process needs no rendezvous: an in-memory store, so single-process runs on one
+            # machine never compete for MASTER_PORT.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            return launch
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=launch.rank,
-                                world_size=launch.world_size)
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
     return launch
 
 

@@ -48,13 +48,16 @@ def register(sub) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing.errors import record
 
     from .config import load_run_config
     from .trainer import Trainer
 
     config = load_run_config(args.config, args.overrides)
     try:
-        summary = Trainer(config).run()
+        # Under torchrun, record() leaves this rank's traceback where the launcher reports the first
+        # failing rank's error; our own line names the rank in every launcher.
+        summary = record(Trainer(config).run)()
     except Exception as e:
         rank = dist.get_rank() if dist.is_initialized() else 0
         print(f"pivot-mega train: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ import torch
 
 from ..data.packing import PackedBatch
 from ..parallel import IGNORE_INDEX, MicroBatch, ParallelModel, token_logprobs
-from ..profiling import attended_pairs, forward_flops, step_flops
+from ..profiling import attended_pairs, forward_flops, nvtx_range, step_flops
 from .losses import DPOConfig, RunningRewardMean, dpo_loss, sequence_logprob_sums
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ class StepRunner:
 
     def _lm(self, mbs: list[MicroBatch], sums: dict, global_count: int, dp: int) -> None:
         def loss_fn(hidden, head_weight, labels):
-            logprobs = token_logprobs(hidden, head_weight, labels)
+            with nvtx_range("head_logprob"):
+                logprobs = token_logprobs(hidden, head_weight, labels)
             nll = -logprobs.float().sum()
             sums["loss_sum"] += nll.detach().double()
             sums["label_tokens"] += logprobs.numel()
@@ -242,7 +243,7 @@ class StepRunner:
         if not isinstance(self.reference, ParallelModel):  # precomputed: anything with lookup(ids, device)
             reference = self.reference.lookup(ids, self.device)
         else:
-            with self._context():
+            with self._context(), nvtx_range("reference_forward"):
                 outputs = self.reference.forward_only(mbs, sequence_sums_fn(num_sequences))
             reference = torch.stack(outputs).sum(0) if outputs else torch.zeros(num_sequences, device=self.device)
         config, running = self.dpo, self.reward_mean
@@ -250,7 +251,8 @@ class StepRunner:
 
         def loss_fn(hidden, head_weight, targets):
             labels, numbers = targets[..., 0], targets[..., 1]
-            logprobs = token_logprobs(hidden, head_weight, labels)
+            with nvtx_range("head_logprob"):
+                logprobs = token_logprobs(hidden, head_weight, labels)
             policy, counts = sequence_logprob_sums(logprobs, numbers[labels != IGNORE_INDEX], num_sequences)
             present = (counts[0::2] > 0) & (counts[1::2] > 0)  # pairs of this micro-batch
             losses, metrics = dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2],

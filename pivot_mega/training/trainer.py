@@ -38,7 +38,7 @@ from ..models.checkpoint_io import CheckpointError, read_config, read_safetensor
 from ..models.mllm import VisionLanguageModel
 from ..models.precision import apply_precision, check_precision, precision_autocast
 from ..parallel import ParallelModel, build_mesh, parallelize
-from ..profiling import StepProfiler, ThroughputMeter, nvtx_range, peak_tflops
+from ..profiling import StepProfiler, nvtx_range, peak_tflops
 from .checkpoint import (LoadedCheckpoint, PendingSave, export_model, load_checkpoint, load_model_weights,
                          resolve_resume, save_checkpoint)
 from .config import RunConfig
@@ -140,13 +140,19 @@ class Trainer:
     def _autocast(self, dims):
         bf16 = self.config.parallel.mixed_precision == "bf16" and dims.layout.dp == 1 and self.device_type == "cuda"
         precision = self.config.precision
+        amax_group = None
+        if precision.backend == "te" and dims.layout.dp > 1:
+            # FP8 scales agree over the data-parallel ranks, which hold the same modules (TE runs without TP;
+            # pipeline stages hold different ones, so never the whole world).
+            dp_mesh = dims.mesh["dp_replicate", "dp_shard"]._flatten("dp_amax")
+            amax_group = dp_mesh.get_group()
 
         @contextlib.contextmanager
         def context():
             with contextlib.ExitStack() as stack:
                 if bf16:  # without FSDP nothing casts parameters; autocast does it per op
                     stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-                stack.enter_context(precision_autocast(precision))
+                stack.enter_context(precision_autocast(precision, amax_group=amax_group))
                 yield
         return context
 
@@ -155,7 +161,8 @@ class Trainer:
 
     def run(self) -> RunSummary:
         c = self.config
-        check_precision(c.precision, self.device_type)
+        check_precision(c.precision, self.device_type,
+                        tensor_parallel_size=c.parallel.tensor_model_parallel_size)
         model_config = self._model_config()
         c.model = model_config  # saved with every checkpoint: the run is self-describing
         pp = c.parallel.pipeline_model_parallel_size
@@ -217,7 +224,7 @@ class Trainer:
             logger.truncate_after(step)
             (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
         signals = StopSignals().install()
-        profiler = StepProfiler(c.profile, self.out_dir, self.device_type)
+        profiler = StepProfiler(c.profile, self.out_dir, self.device_type, rank=rank)
         tp, pp = dims.layout.tp, dims.layout.pp
         tied = tied_embedding_copies(pmodel)
         pending: PendingSave | None = None
@@ -229,28 +236,30 @@ class Trainer:
             while step < total_steps and not exhausted:
                 profiler.step_begin(step + 1)
                 wait_start = time.perf_counter()
-                with nvtx_range("data"):
+                with profiler.range("data"):
                     batches, data_state, exhausted = self._take_step(batches_iter, loader, dims)
                 data_wait = time.perf_counter() - wait_start
                 if not batches:
                     break
                 step += 1
-                with nvtx_range("forward_backward"):
+                with profiler.range("forward_backward"):
                     result = runner.run(batches)
-                norm = clip_grad_norm_(pmodel.parameters(), c.optim.max_grad_norm,
-                                       pp_group=dims.pp_group if pp > 1 else None, tied_copies=tied)
+                with profiler.range("clip_grad_norm"):  # all-reduces of the squared norms
+                    norm = clip_grad_norm_(pmodel.parameters(), c.optim.max_grad_norm,
+                                           pp_group=dims.pp_group if pp > 1 else None, tied_copies=tied)
                 # One all-reduce: the metric sums and the stop flag of every rank.
                 names = runner.metric_names
                 flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=device)
                 vector = torch.stack([result.sums[n] for n in names] + [flag])
-                dist.all_reduce(vector)
+                with profiler.range("metrics_all_reduce"):
+                    dist.all_reduce(vector)
                 values = {n: v / ((tp * pp) if n in DATA_METRICS else tp)
                           for n, v in zip(names, vector[:-1].tolist())}
                 stop_requested = vector[-1].item() > 0
                 loss = values["loss_sum"] / max(result.global_count, 1)
                 finite = math.isfinite(loss) and bool(torch.isfinite(norm))
                 lr = scheduler.get_last_lr()[0]  # this step's
-                with nvtx_range("optimizer"):
+                with profiler.range("optimizer"):
                     if finite:
                         optimizer.step()
                         reward_mean.step()

@@ -268,3 +268,12 @@ def test_bench_steps_agree_with_the_naive_step():
     assert online["optimised"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
     for stage in ("pretrain_projector", "sft"):
         assert run_benchmark(BenchOptions(stage=stage, preset="tiny", steps=1, warmup=0))["optimised"]["step_time_s"] > 0
+
+
+def test_torch_profiler_window_traces_the_steps_phases(tmp_path):
+    config = write_tiny_run(tmp_path, "sft", ["train.max_steps=3", "profile.torch_steps=[2, 3]"])
+    train(config)
+    trace = tmp_path / "out" / "profile" / "torch_trace_rank0_steps2-3.json"
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"step_2", "step_3", "data", "forward_backward", "optimizer", "clip_grad_norm"} <= names
+    assert "step_1" not in names
