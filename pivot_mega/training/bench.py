@@ -260,38 +260,38 @@ def run_benchmark(options: BenchOptions) -> dict:
                "seq_len": batches[0].input_ids.shape[1], "tokens_per_step": tokens,
                "images_per_step": sum(len(b.images) for b in batches),
                "model_flops_per_step": flops, "reference": options.reference if options.stage == "dpo" else None}
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    results["optimised"] = _time(optimised, options, device, tokens, flops, dims.layout.world_size, dtype)
-    results["optimised"]["peak_memory_gb"] = _peak_memory_gb(device)
-
-    if options.compare_naive:
-        if dims.layout.world_size != 1:
-            raise ValueError("--compare-naive runs in one process (the naive step has no parallelism)")
-        policy = pmodel.modules[0]
-        naive_ref = reference_model.modules[0]
-        naive_flops = _naive_flops(batches, config)
-
-        def naive():
-            loss = naive_dpo_step(policy, naive_ref, batches, dpo, autocast)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss)
-
-        # Same weights, same batch: both steps must give the same loss before anything is timed.
-        optimizer.zero_grad(set_to_none=True)
-        result = runner.run(batches)
-        optimised_loss = float(result.sums["loss_sum"]) / max(result.global_count, 1)
-        optimizer.zero_grad(set_to_none=True)
-        naive_loss = float(naive_dpo_step(policy, naive_ref, batches, dpo, autocast))
-        optimizer.zero_grad(set_to_none=True)
-        results["loss_check"] = {"optimised": optimised_loss, "naive": naive_loss,
-                                 "abs_diff": abs(optimised_loss - naive_loss)}
+    if not options.compare_naive:
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        results["naive"] = _time(naive, options, device, tokens, naive_flops, 1, dtype)
-        results["naive"]["peak_memory_gb"] = _peak_memory_gb(device)
-        results["speedup_vs_naive"] = results["naive"]["step_time_s"] / results["optimised"]["step_time_s"]
+        results["optimised"] = _time({"optimised": optimised}, options, device, {"optimised": flops}, tokens,
+                                     dims.layout.world_size, dtype)["optimised"]
+        return results
+
+    if dims.layout.world_size != 1:
+        raise ValueError("--compare-naive runs in one process (the naive step has no parallelism)")
+    policy = pmodel.modules[0]
+    naive_ref = reference_model.modules[0]
+
+    def naive():
+        loss = naive_dpo_step(policy, naive_ref, batches, dpo, autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    # Same weights, same batch: both steps must give the same loss before anything is timed.
+    optimizer.zero_grad(set_to_none=True)
+    result = runner.run(batches)
+    optimised_loss = float(result.sums["loss_sum"]) / max(result.global_count, 1)
+    optimizer.zero_grad(set_to_none=True)
+    naive_loss = float(naive_dpo_step(policy, naive_ref, batches, dpo, autocast))
+    optimizer.zero_grad(set_to_none=True)
+    results["loss_check"] = {"optimised": optimised_loss, "naive": naive_loss,
+                             "abs_diff": abs(optimised_loss - naive_loss)}
+    # The two steps alternate, so a machine that slows down or speeds up during the run affects both.
+    timed = _time({"optimised": optimised, "naive": naive}, options, device,
+                  {"optimised": flops, "naive": _naive_flops(batches, config)}, tokens, 1, dtype)
+    results.update(timed)
+    results["speedup_vs_naive"] = results["naive"]["step_time_s"] / results["optimised"]["step_time_s"]
     return results
 
 
@@ -307,21 +307,28 @@ def _naive_flops(batches, config) -> float:
     return total
 
 
-def _time(step, options: BenchOptions, device, tokens: int, flops: float, world: int, dtype: str) -> dict:
-    losses = []
+def _time(steps: dict, options: BenchOptions, device, flops: dict, tokens: int, world: int, dtype: str) -> dict:
+    """Runs the named step functions in turn (warm-up, then timed); → per step: median time, throughput."""
+    losses = {name: [] for name in steps}
+    times = {name: [] for name in steps}
     for _ in range(options.warmup):
-        losses.append(step())
+        for name, step in steps.items():
+            losses[name].append(step())
     _sync(device)
-    times = []
     for _ in range(options.steps):
-        start = time.perf_counter()
-        losses.append(step())
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    step_time = float(np.median(times))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = peak_tflops(name, dtype)
-    tflops = flops / step_time / world / 1e12
-    return {"step_time_s": step_time, "step_times_s": times, "tokens_per_s": tokens / step_time,
-            "tokens_per_s_per_device": tokens / step_time / world, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "first_loss": losses[0], "losses": losses}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            losses[name].append(step())
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    name_ = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = peak_tflops(name_, dtype)
+    out = {}
+    for name in steps:
+        step_time = float(np.median(times[name]))
+        tflops = flops[name] / step_time / world / 1e12
+        out[name] = {"step_time_s": step_time, "step_times_s": times[name], "tokens_per_s": tokens / step_time,
+                     "tokens_per_s_per_device": tokens / step_time / world, "tflops_per_device": tflops,
+                     "mfu": tflops / peak if peak else None, "first_loss": losses[name][0],
+                     "losses": losses[name], "peak_memory_gb": _peak_memory_gb(device)}
+    return out
