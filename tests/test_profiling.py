@@ -1,6 +1,9 @@
 """FLOP accounting vs torch's FlopCounterMode on a real forward/backward; MFU arithmetic."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +162,31 @@ def test_run_ending_inside_the_window_still_writes_it(tmp_path):
     profiler.close()
     trace = json.loads((tmp_path / "profile" / "torch_trace_rank0_steps2-10.json").read_text())
     assert {"step_2", "step_3"} <= {event.get("name") for event in trace["traceEvents"]}
+
+
+def test_profile_nsys_script_wraps_the_trainer(tmp_path):
+    """tools/profile_nsys.sh with a stand-in nsys that records its arguments."""
+    fake = tmp_path / "nsys"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, NSYS=str(fake), ARGS_OUT=str(tmp_path / "args"), NSYS_OUT=str(tmp_path / "rep" / "x"),
+               LAUNCHER="torchrun --nproc-per-node 8 --no-python")
+    script = Path(__file__).resolve().parents[1] / "tools" / "profile_nsys.sh"
+    result = subprocess.run([str(script), "run.yaml", "3", "5", "train.max_steps=6"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[0] == "profile"
+    for option in ("--capture-range=cudaProfilerApi", "--capture-range-end=stop", "--trace=cuda,nvtx,osrt,cudnn,cublas",
+                   "--cuda-memory-usage=true", f"--output={tmp_path / 'rep' / 'x'}"):
+        assert option in args
+    launch = args.index("torchrun")
+    assert args[launch:] == ["torchrun", "--nproc-per-node", "8", "--no-python", "pivot-mega", "train", "run.yaml",
+                             "--set", "profile.nsys_steps=[3,5]", "--set", "train.max_steps=6"]
+    # The override the trainer receives is a valid profile section.
+    from pivot_mega.config import apply_overrides
+
+    section = apply_overrides({}, [args[-3]])["profile"]
+    assert from_dict(ProfileConfig, section, where="profile").validate(device_type="cuda").nsys_steps == [3, 5]
+    bad = subprocess.run([str(script), "run.yaml", "5", "3"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "1 <= START <= END" in bad.stderr
