@@ -23,14 +23,14 @@ containers ship it):
   (``model.attention: auto`` becomes ``te``). Parameter names stay exactly those of the torch model
   (``weight``/``bias`` under the same module paths), so checkpoints, init by name, optimizer groups
   and HF conversion work unchanged.
-- ``te_fuse_norms: true``: each norm is fused into the layer that reads it: q/k/v become one
-  ``te.LayerNormLinear`` (``self_attn.qkv``) whose three projections stay separate parameters
-  (``parameters_split``); Qwen2's gate/up another (``mlp.gate_up``, down stays ``te.Linear``); SigLIP's
-  MLP becomes one ``te.LayerNormMLP`` (LayerNorm → fc1 → tanh-GELU → fc2, TE's ``gelu`` is the tanh
-  form SigLIP uses). Qwen2's SwiGLU MLP is not a ``LayerNormMLP``: TE's ``swiglu`` reads one
-  concatenated ``[gate; up]`` weight, which no rename can map. Names then change by the pure rename
-  table of :func:`te_parameter_names` (no tensor is split or joined): map portable / HF-derived
-  checkpoints with :func:`portable_to_te` before loading and :func:`te_to_portable` after gathering.
+- ``te_fuse_norms: true``: each norm is computed by the layer that reads it: q/k/v by one
+  ``te.LayerNormLinear`` (``self_attn.qkv``), each MLP by one ``te.LayerNormMLP`` (``mlp.fused``:
+  Qwen2's RMSNorm → ``[gate; up]`` → SwiGLU → down; SigLIP's LayerNorm → fc1 → tanh-GELU → fc2, TE's
+  ``gelu`` being the tanh form SigLIP uses); ``o_proj`` / ``out_proj`` become ``te.Linear``. The fused
+  modules own no parameters: they compute with the torch model's, which stay where they were (the
+  norms become pass-through holders of their weights, q/k/v, gate/up/down and fc1/fc2 holders of
+  theirs), so names are unchanged in this mode too. The price is a copy per call of the weights a
+  fused GEMM joins (q/k/v, gate/up), as TE's own split parameters also cost.
 
 The projector and the LM head stay in the torch modules with either backend: the projector is under
 1 % of the FLOPs and is the only trained part in stage 1a, and the head is read as a weight by the
@@ -57,7 +57,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError
 from .layers import RMSNorm
 from .qwen2 import Qwen2Attention, Qwen2DecoderLayer, Qwen2MLP
 from .siglip import SiglipAttention, SiglipEncoderLayer
@@ -88,8 +88,7 @@ class PrecisionConfig:
     torchao_recipe: ``tensorwise`` (one scale per tensor, E5M2 gradients), ``rowwise`` (a scale per
         row, E4M3 throughout: more accurate, a little slower) or ``rowwise_with_gw_hp`` (rowwise, the
         weight gradient in high precision).
-    te_fuse_norms: ``te`` only: fuse norms into the following linear / MLP (parameter names change,
-        see the module docstring).
+    te_fuse_norms: ``te`` only: fuse norms into the following q/k/v GEMM and MLP (names unchanged).
     """
 
     backend: Literal["torch", "te"] = "torch"
@@ -308,16 +307,15 @@ def _convert_block(layer: nn.Module, te, fuse_norms: bool) -> None:
                 _replace(layer, name, _te_norm(child, te))
         return
     if isinstance(layer, Qwen2DecoderLayer):
-        norm = layer.input_layernorm
-        layer.self_attn = FusedQwen2Attention(layer.self_attn, norm, te)
-        layer.input_layernorm = nn.Identity()
+        layer.input_layernorm = FusedNorm(layer.input_layernorm)
+        layer.self_attn = FusedQwen2Attention(layer.self_attn, layer.input_layernorm, te)
+        layer.post_attention_layernorm = FusedNorm(layer.post_attention_layernorm)
         layer.mlp = FusedSwiGLU(layer.mlp, layer.post_attention_layernorm, te)
-        layer.post_attention_layernorm = nn.Identity()
     elif isinstance(layer, SiglipEncoderLayer):
+        layer.layer_norm1 = FusedNorm(layer.layer_norm1)
         layer.self_attn = FusedSiglipAttention(layer.self_attn, layer.layer_norm1, te)
-        layer.layer_norm1 = nn.Identity()
-        layer.mlp = _te_layernorm_mlp(layer.mlp, layer.layer_norm2, te)
-        layer.layer_norm2 = nn.Identity()
+        layer.layer_norm2 = FusedNorm(layer.layer_norm2)
+        layer.mlp = FusedSiglipMLP(layer.mlp, layer.layer_norm2, te)
     else:
         raise TypeError(f"convert_to_te: no TE mapping for block type {type(layer).__name__}")
 
@@ -353,6 +351,8 @@ def _norm_kind(norm: nn.Module) -> tuple[str, float]:
         if norm.weight is None or norm.bias is None:
             raise TypeError("convert_to_te: LayerNorm without affine weight and bias has no TE counterpart here")
         return "LayerNorm", norm.eps
+    if isinstance(norm, FusedNorm):
+        return norm.kind, norm.eps
     raise TypeError(f"convert_to_te: unknown norm type {type(norm).__name__}")
 
 
@@ -363,47 +363,81 @@ def _te_norm(norm: nn.Module, te) -> nn.Module:
     return new
 
 
-def _layernorm_linear(norm: nn.Module, linears: dict[str, nn.Linear], te) -> nn.Module:
-    """One ``te.LayerNormLinear``: ``norm`` then the ``linears`` (same input) as separate parameters
-    ``<name>_weight`` / ``<name>_bias``, outputs concatenated in the given order."""
-    kind, eps = _norm_kind(norm)
+# ----------------------------------------------------------------------------------------------
+# fused TE modules over parameters that stay where the torch model has them
+
+
+class FusedNorm(nn.Module):
+    """Holds a norm's parameters (same names, same objects) whose work a fused TE module after it does;
+    passes its input through unchanged."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.kind, self.eps = _norm_kind(norm)
+        self.weight = norm.weight
+        self.bias = norm.bias if self.kind == "LayerNorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _bind_parameters(te_module: nn.Module, sources: dict[str, list[tuple[nn.Module, str]]]) -> nn.Module:
+    """Makes ``te_module`` compute with parameters owned by other modules: its own copies are dropped
+    and, before each call, attribute ``te_name`` is set to ``owner.<name>`` for the one
+    ``(owner, name)`` of ``sources[te_name]``, or to their concatenation along dim 0 for several.
+
+    The owners' attributes are read at every call, so what FSDP2 puts there (the gathered parameter
+    during forward and backward) is what TE reads; the sources live in the module's ``__dict__`` (not
+    in a closure), so a deep copy of the model (a pipeline stage) reads its own copies. Parameter
+    names, init by name, checkpoints and optimizer groups see exactly the torch model's parameters.
+    """
+    for te_name in sources:
+        te_module._parameters.pop(te_name, None)
+    object.__setattr__(te_module, "_pivot_parameter_sources", sources)
+    te_module.register_forward_pre_hook(_bind_hook)
+    return te_module
+
+
+def _bind_hook(module: nn.Module, args) -> None:
+    for te_name, owners in module._pivot_parameter_sources.items():
+        tensors = [getattr(owner, name) for owner, name in owners]
+        object.__setattr__(module, te_name, tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+
+
+def _layernorm_linear(norm: FusedNorm, linears: dict[str, nn.Linear], te) -> nn.Module:
+    """One ``te.LayerNormLinear``: ``norm`` then the ``linears`` (same input), outputs concatenated in
+    order; TE's ``parameters_split`` gives one weight (and bias) attribute per linear."""
     first = next(iter(linears.values()))
     bias = first.bias is not None
     if any((lin.bias is not None) != bias or lin.in_features != first.in_features for lin in linears.values()):
         raise TypeError(f"convert_to_te: cannot fuse {list(linears)}: inputs or biases differ")
     sizes = {name: lin.out_features for name, lin in linears.items()}
-    new = te.LayerNormLinear(first.in_features, sum(sizes.values()), eps=eps, bias=bias, normalization=kind,
-                             parameters_split=sizes, **_where(first))
-    pairs = [(new.layer_norm_weight, norm.weight)] + ([(new.layer_norm_bias, norm.bias)] if kind == "LayerNorm"
-                                                      else [])
+    module = te.LayerNormLinear(first.in_features, sum(sizes.values()), eps=norm.eps, bias=bias,
+                                normalization=norm.kind, parameters_split=sizes, **_where(first))
+    sources = {"layer_norm_weight": [(norm, "weight")]}
+    if norm.kind == "LayerNorm":
+        sources["layer_norm_bias"] = [(norm, "bias")]
     for name, lin in linears.items():
-        pairs.append((getattr(new, f"{name}_weight"), lin.weight))
+        sources[f"{name}_weight"] = [(lin, "weight")]
         if bias:
-            pairs.append((getattr(new, f"{name}_bias"), lin.bias))
-    _copy_values(pairs)
-    return new
-
-
-def _te_layernorm_mlp(mlp: nn.Module, norm: nn.LayerNorm, te) -> nn.Module:
-    """SigLIP's LayerNorm → fc1 → GELU (tanh) → fc2 as one ``te.LayerNormMLP``."""
-    kind, eps = _norm_kind(norm)
-    new = te.LayerNormMLP(mlp.fc1.in_features, mlp.fc1.out_features, eps=eps, bias=True, normalization=kind,
-                          activation="gelu", **_where(mlp))
-    _copy_values([(new.layer_norm_weight, norm.weight), (new.layer_norm_bias, norm.bias),
-                  (new.fc1_weight, mlp.fc1.weight), (new.fc1_bias, mlp.fc1.bias),
-                  (new.fc2_weight, mlp.fc2.weight), (new.fc2_bias, mlp.fc2.bias)])
-    return new
+            sources[f"{name}_bias"] = [(lin, "bias")]
+    return _bind_parameters(module, sources)
 
 
 class FusedQwen2Attention(Qwen2Attention):
-    """Qwen2 attention whose input RMSNorm and q/k/v projections are one ``te.LayerNormLinear``."""
+    """Qwen2 attention computing its input RMSNorm and q/k/v in one ``te.LayerNormLinear`` (``qkv``).
 
-    def __init__(self, attention: Qwen2Attention, norm: RMSNorm, te):
+    ``q_proj`` / ``k_proj`` / ``v_proj`` stay as the holders of their parameters (not called);
+    ``o_proj`` becomes a ``te.Linear``.
+    """
+
+    def __init__(self, attention: Qwen2Attention, norm: FusedNorm, te):
         nn.Module.__init__(self)
         self.head_dim, self.backend = attention.head_dim, attention.backend
-        projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
-        self.qkv = _layernorm_linear(norm, projections, te)
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
         self.o_proj = _te_linear(attention.o_proj, te)
+        projections = {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
+        self.qkv = _layernorm_linear(norm, projections, te)
         self.splits = [lin.out_features for lin in projections.values()]
 
     def project_qkv(self, x: torch.Tensor):
@@ -411,14 +445,15 @@ class FusedQwen2Attention(Qwen2Attention):
 
 
 class FusedSiglipAttention(SiglipAttention):
-    """SigLIP attention whose LayerNorm and q/k/v projections are one ``te.LayerNormLinear``."""
+    """SigLIP attention computing its LayerNorm and q/k/v in one ``te.LayerNormLinear`` (``qkv``)."""
 
-    def __init__(self, attention: SiglipAttention, norm: nn.LayerNorm, te):
+    def __init__(self, attention: SiglipAttention, norm: FusedNorm, te):
         nn.Module.__init__(self)
         self.num_heads, self.head_dim, self.backend = attention.num_heads, attention.head_dim, attention.backend
-        projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
-        self.qkv = _layernorm_linear(norm, projections, te)
+        self.q_proj, self.k_proj, self.v_proj = attention.q_proj, attention.k_proj, attention.v_proj
         self.out_proj = _te_linear(attention.out_proj, te)
+        projections = {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj}
+        self.qkv = _layernorm_linear(norm, projections, te)
         self.splits = [lin.out_features for lin in projections.values()]
 
     def project_qkv(self, x: torch.Tensor):
@@ -426,66 +461,41 @@ class FusedSiglipAttention(SiglipAttention):
 
 
 class FusedSwiGLU(nn.Module):
-    """Qwen2's post-attention RMSNorm + gate/up as one ``te.LayerNormLinear``, then SiLU(gate) * up and
-    ``down_proj`` (``te.Linear``)."""
+    """Qwen2's post-attention RMSNorm → gate/up → SiLU(gate) * up → down as one ``te.LayerNormMLP``
+    (``fused``, ``activation="swiglu"``: SiLU of the first half of fc1's output times the second, so
+    fc1's weight is ``[gate; up]``, joined at each call from the two parameters, as TE's split
+    parameters are joined too). ``gate_proj`` / ``up_proj`` / ``down_proj`` hold their parameters."""
 
-    def __init__(self, mlp: Qwen2MLP, norm: RMSNorm, te):
+    def __init__(self, mlp: Qwen2MLP, norm: FusedNorm, te):
         super().__init__()
-        self.gate_up = _layernorm_linear(norm, {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}, te)
-        self.down_proj = _te_linear(mlp.down_proj, te)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        fused = te.LayerNormMLP(self.gate_proj.in_features, self.gate_proj.out_features, eps=norm.eps, bias=False,
+                                normalization=norm.kind, activation="swiglu", **_where(mlp))
+        self.fused = _bind_parameters(fused, {
+            "layer_norm_weight": [(norm, "weight")],
+            "fc1_weight": [(self.gate_proj, "weight"), (self.up_proj, "weight")],
+            "fc2_weight": [(self.down_proj, "weight")]})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        return self.fused(x)
 
 
-# ----------------------------------------------------------------------------------------------
-# parameter names with fused TE modules
+class FusedSiglipMLP(nn.Module):
+    """SigLIP's LayerNorm → fc1 → GELU (tanh) → fc2 as one ``te.LayerNormMLP`` (``fused``; TE's
+    ``gelu`` is the tanh form); ``fc1`` / ``fc2`` stay as the holders of their parameters."""
 
-_FUSED_LANGUAGE_NAMES = {
-    "input_layernorm.weight": "self_attn.qkv.layer_norm_weight",
-    **{f"self_attn.{p}.{leaf}": f"self_attn.qkv.{p}_{leaf}" for p in ("q_proj", "k_proj", "v_proj")
-       for leaf in ("weight", "bias")},
-    "post_attention_layernorm.weight": "mlp.gate_up.layer_norm_weight",
-    "mlp.gate_proj.weight": "mlp.gate_up.gate_proj_weight",
-    "mlp.up_proj.weight": "mlp.gate_up.up_proj_weight",
-}
-_FUSED_VISION_NAMES = {
-    **{f"layer_norm1.{leaf}": f"self_attn.qkv.layer_norm_{leaf}" for leaf in ("weight", "bias")},
-    **{f"self_attn.{p}.{leaf}": f"self_attn.qkv.{p}_{leaf}" for p in ("q_proj", "k_proj", "v_proj")
-       for leaf in ("weight", "bias")},
-    **{f"layer_norm2.{leaf}": f"mlp.layer_norm_{leaf}" for leaf in ("weight", "bias")},
-    **{f"mlp.{fc}.{leaf}": f"mlp.{fc}_{leaf}" for fc in ("fc1", "fc2") for leaf in ("weight", "bias")},
-}
+    def __init__(self, mlp: nn.Module, norm: FusedNorm, te):
+        super().__init__()
+        self.fc1, self.fc2 = mlp.fc1, mlp.fc2
+        fused = te.LayerNormMLP(self.fc1.in_features, self.fc1.out_features, eps=norm.eps, bias=True,
+                                normalization=norm.kind, activation="gelu", **_where(mlp))
+        self.fused = _bind_parameters(fused, {
+            "layer_norm_weight": [(norm, "weight")], "layer_norm_bias": [(norm, "bias")],
+            "fc1_weight": [(self.fc1, "weight")], "fc1_bias": [(self.fc1, "bias")],
+            "fc2_weight": [(self.fc2, "weight")], "fc2_bias": [(self.fc2, "bias")]})
 
-
-def te_parameter_names(config: ModelConfig, *, fuse_norms: bool) -> dict[str, str]:
-    """Portable name → name in a TE-converted model, for every parameter that is renamed.
-
-    Without fusion nothing is renamed (``{}``). With ``te_fuse_norms`` the renames are per block, e.g.
-    ``language.layers.3.input_layernorm.weight`` → ``language.layers.3.self_attn.qkv.layer_norm_weight``
-    and ``vision.layers.0.mlp.fc1.bias`` → ``vision.layers.0.mlp.fc1_bias``; every other name is kept.
-    """
-    if not fuse_norms:
-        return {}
-    names = {}
-    for i in range(config.language.num_hidden_layers):
-        names.update({f"language.layers.{i}.{a}": f"language.layers.{i}.{b}" for a, b in _FUSED_LANGUAGE_NAMES.items()})
-    for i in range(config.vision.num_layers_built):
-        names.update({f"vision.layers.{i}.{a}": f"vision.layers.{i}.{b}" for a, b in _FUSED_VISION_NAMES.items()})
-    return names
-
-
-def portable_to_te(tensors: dict, config: ModelConfig, *, fuse_norms: bool) -> dict:
-    """Renames a portable state dict (``pivot-mega convert import-hf`` output) for a TE-converted model."""
-    names = te_parameter_names(config, fuse_norms=fuse_norms)
-    return {names.get(name, name): value for name, value in tensors.items()}
-
-
-def te_to_portable(tensors: dict, config: ModelConfig, *, fuse_norms: bool) -> dict:
-    """The inverse of :func:`portable_to_te`: a TE-converted model's state dict under portable names."""
-    names = {te_name: name for name, te_name in te_parameter_names(config, fuse_norms=fuse_norms).items()}
-    return {names.get(name, name): value for name, value in tensors.items()}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 It follows TE's documented module API where ``convert_to_te`` relies on it: constructor arguments
 (``params_dtype``, ``device``, ``eps``, ``bias``, ``normalization``, ``activation``,
 ``parameters_split``), parameter names (``weight``/``bias``; ``layer_norm_weight``/``layer_norm_bias``;
-``<split>_weight``/``<split>_bias``; ``fc1_weight`` ... ``fc2_bias``) and the maths (RMSNorm /
-LayerNorm before the GEMM, ``gelu`` = tanh GELU). Every module records its constructor arguments in
+``<split>_weight``/``<split>_bias``; ``fc1_weight`` ... ``fc2_bias``), attributes read at each call,
+and the maths (RMSNorm / LayerNorm before the GEMM; ``gelu`` = tanh GELU; ``swiglu`` = SiLU of the
+first half of fc1's output times the second half, as TE's own reference ``TorchGLU``). Every module records its constructor arguments in
 ``init_kwargs``. The real modules are tested separately where Transformer Engine is installed.
 """
 
@@ -96,20 +97,26 @@ class LayerNormMLP(_Recorded):
                  activation="gelu", params_dtype=None, device=None):
         super().__init__(hidden_size=hidden_size, ffn_hidden_size=ffn_hidden_size, eps=eps, bias=bias,
                          normalization=normalization, activation=activation)
-        assert activation == "gelu", "the stand-in implements TE's gelu (tanh) only"
-        self.eps, self.normalization = eps, normalization
+        assert activation in ("gelu", "swiglu"), "the stand-in implements TE's gelu (tanh) and swiglu"
+        self.eps, self.normalization, self.activation = eps, normalization, activation
         where = dict(params_dtype=params_dtype, device=device)
+        fc1_out = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
         self.layer_norm_weight = _param(hidden_size, **where)
         self.layer_norm_bias = _param(hidden_size, **where) if normalization == "LayerNorm" else None
-        self.fc1_weight = _param(ffn_hidden_size, hidden_size, **where)
-        self.fc1_bias = _param(ffn_hidden_size, **where) if bias else None
+        self.fc1_weight = _param(fc1_out, hidden_size, **where)
+        self.fc1_bias = _param(fc1_out, **where) if bias else None
         self.fc2_weight = _param(hidden_size, ffn_hidden_size, **where)
         self.fc2_bias = _param(hidden_size, **where) if bias else None
 
     def forward(self, x):
         x = _norm(x, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps)
-        return F.linear(F.gelu(F.linear(x, self.fc1_weight, self.fc1_bias), approximate="tanh"),
-                        self.fc2_weight, self.fc2_bias)
+        h = F.linear(x, self.fc1_weight, self.fc1_bias)
+        if self.activation == "swiglu":  # TE: SiLU of the first half times the second half
+            first, second = h.chunk(2, dim=-1)
+            h = F.silu(first) * second
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return F.linear(h, self.fc2_weight, self.fc2_bias)
 
 
 def fake_te() -> types.SimpleNamespace:

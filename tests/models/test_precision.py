@@ -17,8 +17,7 @@ from pivot_mega.models import VisionLanguageModel
 from pivot_mega.models import precision as prec
 from pivot_mega.models.precision import (PrecisionConfig, PrecisionUnavailableError, apply_precision,
                                          check_precision, convert_to_te, float8_module_filter,
-                                         portable_to_te, precision_autocast, te_parameter_names,
-                                         te_to_portable)
+                                         precision_autocast)
 from tests.distributed import require_procs, run_workers
 from tests.models.fake_te import FakeRecipe, fake_te
 
@@ -302,40 +301,59 @@ def test_te_swap_keeps_names_and_numbers(seed):
     assert {layer.self_attn.backend for layer in auto.vision.layers} == {"te"}
 
 
-def test_te_fused_norms_rename_only(seed):
+def test_te_fused_norms_keep_the_torch_parameters(seed):
     config = fp8_config(tie=False)
     reference = VisionLanguageModel(config).init_weights(seed)
     model = copy.deepcopy(reference)
     convert_to_te(model, fake_te(), fuse_norms=True)
-    names = te_parameter_names(config, fuse_norms=True)
-    portable = reference.state_dict()
-    # Every parameter is there once, under its mapped name, same shape: a pure rename, nothing joined.
-    assert set(model.state_dict()) == {names.get(n, n) for n in portable}
-    assert len(set(names.values())) == len(names)
-    for name, tensor in portable.items():
-        assert model.state_dict()[names.get(name, name)].shape == tensor.shape
+    # The same parameters under the same names: the fused TE modules own none of their own.
+    assert list(dict(model.named_parameters())) == list(dict(reference.named_parameters()))
     qkv = model.get_submodule("language.layers.0.self_attn.qkv")
-    assert qkv.init_kwargs["normalization"] == "RMSNorm"
+    assert list(qkv.parameters()) == []
+    assert qkv.init_kwargs["normalization"] == "RMSNorm" and qkv.init_kwargs["bias"] is True
     assert qkv.init_kwargs["parameters_split"] == {"q_proj": 32, "k_proj": 16, "v_proj": 16}
-    vision_mlp = model.get_submodule("vision.layers.1.mlp")
-    assert type(vision_mlp).__name__ == "LayerNormMLP"
+    swiglu = model.get_submodule("language.layers.1.mlp.fused")
+    assert type(swiglu).__name__ == "LayerNormMLP" and list(swiglu.parameters()) == []
+    assert {k: swiglu.init_kwargs[k] for k in ("normalization", "activation", "bias", "ffn_hidden_size")} == \
+        {"normalization": "RMSNorm", "activation": "swiglu", "bias": False, "ffn_hidden_size": 64}
+    vision_mlp = model.get_submodule("vision.layers.1.mlp.fused")
     assert (vision_mlp.init_kwargs["normalization"], vision_mlp.init_kwargs["activation"]) == ("LayerNorm", "gelu")
-    gate_up = model.get_submodule("language.layers.1.mlp.gate_up")
-    assert gate_up.init_kwargs["parameters_split"] == {"gate_proj": 64, "up_proj": 64}
-    assert names["language.layers.1.post_attention_layernorm.weight"] == "language.layers.1.mlp.gate_up.layer_norm_weight"
-    assert names["vision.layers.0.layer_norm1.bias"] == "vision.layers.0.self_attn.qkv.layer_norm_bias"
+    assert model.get_submodule("vision.layers.0.self_attn.qkv").init_kwargs["normalization"] == "LayerNorm"
+    assert type(model.get_submodule("language.layers.0.self_attn.o_proj")).__name__ == "Linear"
+    assert type(model.get_submodule("language.layers.0.self_attn.o_proj")).__module__.endswith("fake_te")
 
-    ids, pixels, _ = batch(config, seed)
+    ids, pixels, labels = batch(config, seed)
+    logits = model(ids, pixels)
+    want = reference(ids, pixels)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    # Gradients reach the torch model's parameters through the fused modules, as without fusion.
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    F.cross_entropy(want.flatten(0, 1), labels.flatten()).backward()
+    reference_grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        if reference_grads[name].grad is None:
+            assert param.grad is None, name
+        else:
+            torch.testing.assert_close(param.grad, reference_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # What an owner holds at call time is used (FSDP2 swaps in the gathered parameter before forward).
+    layer = model.language.layers["0"]
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, pixels), reference(ids, pixels), rtol=1e-5, atol=1e-5)
-    # Portable checkpoints load through the rename, and come back out unchanged.
+        before = model(ids, pixels)
+        layer.input_layernorm.weight = nn.Parameter(layer.input_layernorm.weight * 2)
+        layer.mlp.up_proj.weight = nn.Parameter(torch.zeros_like(layer.mlp.up_proj.weight))
+        after = model(ids, pixels)
+    assert not torch.allclose(before, after)
+    # A deep copy (how pipeline stages are cut) computes with its own parameters.
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.vision.layers[0].mlp.fc1.weight.zero_()
+        assert torch.equal(model(ids, pixels), after) and not torch.allclose(clone(ids, pixels), after)
+    # The same values loaded into a fresh converted model by name give the same output.
     fresh = VisionLanguageModel(config)
     convert_to_te(fresh, fake_te(), fuse_norms=True)
-    fresh.load_state_dict(portable_to_te(portable, config, fuse_norms=True), strict=True)
-    back = te_to_portable(fresh.state_dict(), config, fuse_norms=True)
-    assert back.keys() == portable.keys()
-    assert all(torch.equal(back[n], portable[n]) for n in portable)
-    assert te_parameter_names(config, fuse_norms=False) == {}
+    fresh.load_state_dict(reference.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, pixels), want, rtol=1e-5, atol=1e-5)
 
 
 def test_te_swap_on_meta_device():
@@ -389,8 +407,7 @@ def test_real_te_names_and_forward(fuse, seed):
     model = copy.deepcopy(reference)
     check_precision(PrecisionConfig(backend="te", te_fuse_norms=fuse), "cuda")
     apply_precision(model, PrecisionConfig(backend="te", te_fuse_norms=fuse))
-    names = te_parameter_names(config, fuse_norms=fuse)
-    assert set(model.state_dict()) >= {names.get(n, n) for n in reference.state_dict()}
+    assert list(dict(model.named_parameters())) == list(dict(reference.named_parameters()))
     ids, pixels, _ = (t.cuda() for t in batch(config, seed))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         torch.testing.assert_close(model(ids, pixels).float(), reference(ids, pixels).float(), rtol=2e-2, atol=2e-2)
