@@ -245,7 +245,11 @@ def test_float8_composes_with_tp_and_fsdp(layout, seed):
     gradients as one process running the same float8 model. Dynamic scales come from the tensors a
     rank sees: TP reduces the amax of sharded tensors over the shards (the single-process scales), and
     a data-parallel rank scales its own rows, which one process reproduces by running each rank's rows
-    as a micro-batch of its own (measured: <= 4e-7 of the largest gradient either way)."""
+    as a micro-batch of its own (measured: <= 4e-7 of the largest gradient either way for most seeds).
+
+    Tolerance 1e-4 of the largest gradient: the ranks' fp32 sums run in another order, and a value that
+    lands next to an FP8 rounding boundary can round the other way, moving one element by one FP8
+    step (seed 1926522976: 5.2e-5 on an o_proj weight gradient under TP)."""
     from pivot_mega.parallel import ParallelConfig, lm_loss
 
     config = fp8_config()
@@ -267,7 +271,7 @@ def test_float8_composes_with_tp_and_fsdp(layout, seed):
         assert grads.keys() == dict(model.named_parameters()).keys()
         for name, param in model.named_parameters():
             err = (grads[name] - param.grad).abs().max().item() / scale
-            assert err < 1e-5, (layout, name, err)
+            assert err < 1e-4, (layout, name, err)
 
 
 # ----------------------------------------------------------------------------------------------
