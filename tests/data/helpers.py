@@ -9,37 +9,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<image>"]
+from pivot_mega.data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, special_token_id, train_tokenizer
+
 WORDS = ("the a cat dog sits on mat red blue green what is in this image picture describe it answer question "
          "yes no two three left right small large photo of person car tree sky house chart shows value "
          "number text reads sign window road water bird flies over near under behind").split()
-# Qwen2's chat template, reduced to messages (the reference for the qwen2 template's layout).
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}")
 
 
 def make_tokenizer(directory: Path, seed: int = 0) -> Path:
     """A byte-level BPE (Qwen's family) trained on random sentences, saved as an HF tokenizer dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = np.random.default_rng(seed)
     corpus = [" ".join(rng.choice(WORDS, size=12)) + rng.choice([".", "?", "!", "\n"]) for _ in range(400)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = CHAT_TEMPLATE
-    hf.save_pretrained(directory)
-    return directory
+    return train_tokenizer(directory, corpus, vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                           chat_template=CHAT_TEMPLATE)
 
 
 def image_token_id(tokenizer_dir: Path) -> int:
-    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    return next(t["id"] for t in data["added_tokens"] if t["content"] == "<|image_pad|>")
+    return special_token_id(tokenizer_dir, "<|image_pad|>")
 
 
 def sentence(rng: np.random.Generator, low: int = 2, high: int = 12) -> str:

@@ -1,0 +1,64 @@
+"""A small byte-level BPE tokenizer (Qwen2's family) trained on your own texts, saved as an HF directory.
+
+    train_tokenizer("runs/demo/tokenizer", captions + questions + answers, vocab_size=400)
+    AutoTokenizer.from_pretrained("runs/demo/tokenizer")      # what data.tokenizer names
+
+For runs with no model hub to download a tokenizer from (the demo, the tests). The special tokens are
+Qwen2's names (``<|im_start|>``, ``<|im_end|>`` for the ChatML template, ``<|image_pad|>`` for image
+positions), given the first ids in the order of ``special_tokens``; the real Qwen2.5 tokenizer is
+the one to use for a real run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<image>")
+# Qwen2's chat template, reduced to messages (the layout of the qwen2 data template).
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}")
+
+
+def train_tokenizer(directory: str | os.PathLike, corpus: Iterable[str], vocab_size: int = 400, *,
+                    special_tokens: Sequence[str] = SPECIAL_TOKENS, eos_token: str = "<|im_end|>",
+                    pad_token: str = "<|endoftext|>", chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Trains a byte-level BPE of at most ``vocab_size`` tokens (special tokens and the 256 byte
+    symbols included) on ``corpus`` and saves it to ``directory`` (``tokenizer.json``,
+    ``tokenizer_config.json``, the chat template). Deterministic: the same corpus gives the same
+    files. → ``directory``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = list(special_tokens)
+    for token in (eos_token, pad_token):
+        if token not in special_tokens:
+            raise ValueError(f"{token!r} must be one of the special tokens {special_tokens}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(special_tokens) + len(alphabet):
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(special_tokens)} special tokens + "
+                         f"{len(alphabet)} byte symbols a byte-level BPE needs")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token)
+    hf.chat_template = chat_template
+    directory = Path(directory)
+    hf.save_pretrained(directory)
+    return directory
+
+
+def special_token_id(directory: str | os.PathLike, token: str = "<|image_pad|>") -> int:
+    """The id of a special (added) token of a saved tokenizer, read from its ``tokenizer.json``."""
+    import json
+
+    path = Path(directory) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for added in data.get("added_tokens", []):
+        if added["content"] == token:
+            return int(added["id"])
+    raise KeyError(f"{path}: no added token {token!r}")
