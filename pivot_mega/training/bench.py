@@ -27,6 +27,7 @@ from ..config import ModelConfig, load_model_config
 from ..data.packing import build_micro_batch
 from ..data.templates import IGNORE_INDEX, Sequence, Unit
 from ..models.mllm import VisionLanguageModel
+from ..models.precision import PrecisionConfig, apply_precision, check_precision
 from ..parallel import ParallelConfig, build_mesh, parallelize
 from ..profiling import peak_tflops
 from .losses import DPOConfig, dpo_loss
@@ -54,6 +55,7 @@ class BenchOptions:
     dtype: str | None = None
     attention: str | None = None
     activation_checkpointing: bool = False
+    fp8: str = "none"  # none | torchao (precision.fp8 of the training run)
     seed: int = 0
     overrides: list = dataclasses.field(default_factory=list)
 
@@ -193,6 +195,8 @@ def run_benchmark(options: BenchOptions) -> dict:
     dtype = options.dtype or ("bf16" if device_type == "cuda" else "fp32")
     if dtype == "bf16" and device_type != "cuda":
         raise ValueError("--dtype bf16 needs a CUDA device (CPU runs fp32)")
+    precision = PrecisionConfig(fp8=options.fp8)
+    check_precision(precision, device_type)
     parallel = ParallelConfig(mixed_precision="bf16" if dtype == "bf16" and dist.is_initialized()
                               and dist.get_world_size() > 1 else "fp32")
     dims = build_mesh(parallel, config, device_type)
@@ -202,6 +206,7 @@ def run_benchmark(options: BenchOptions) -> dict:
     def build():
         with torch.device("meta"):
             model = VisionLanguageModel(config)
+        apply_precision(model, precision)
         return parallelize(model, dims, seed=options.seed)
 
     pmodel = build()
@@ -255,7 +260,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         return float(result.sums["loss_sum"]) / max(result.global_count, 1)
 
     results = {"stage": options.stage, "preset": options.preset, "device": torch.cuda.get_device_name()
-               if device_type == "cuda" else "cpu", "dtype": dtype, "world_size": dims.layout.world_size,
+               if device_type == "cuda" else "cpu", "dtype": dtype, "fp8": options.fp8, "world_size": dims.layout.world_size,
                "micro_batches": options.micro_batches, "rows": options.rows,
                "seq_len": batches[0].input_ids.shape[1], "tokens_per_step": tokens,
                "images_per_step": sum(len(b.images) for b in batches),
@@ -264,7 +269,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         results["optimised"] = _time({"optimised": optimised}, options, device, {"optimised": flops}, tokens,
-                                     dims.layout.world_size, dtype)["optimised"]
+                                     dims.layout.world_size, "fp8" if options.fp8 != "none" else dtype)["optimised"]
         return results
 
     if dims.layout.world_size != 1:

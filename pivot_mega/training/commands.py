@@ -39,6 +39,8 @@ def register(sub) -> dict:
                        help="training dtype (default: bf16 autocast on CUDA, fp32 on CPU)")
     bench.add_argument("--attention", default=None, help="attention backend (default: the model config's)")
     bench.add_argument("--activation-checkpointing", action="store_true")
+    bench.add_argument("--fp8", choices=["none", "torchao"], default="none",
+                       help="torchao float8 linears (precision.fp8: torchao); MFU then against the FP8 peak")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="model config overrides, e.g. language.num_hidden_layers=4")
@@ -79,7 +81,7 @@ def run_bench(args: argparse.Namespace) -> int:
                            seq_len=args.seq_len, rows=args.rows, micro_batches=args.micro_batches,
                            response_len=args.response_len, reference=args.reference,
                            compare_naive=args.compare_naive, dtype=args.dtype, attention=args.attention,
-                           activation_checkpointing=args.activation_checkpointing, seed=args.seed,
+                           activation_checkpointing=args.activation_checkpointing, fp8=args.fp8, seed=args.seed,
                            overrides=list(args.overrides))
     results = run_benchmark(options)
     text = json.dumps(results, indent=2)

@@ -19,6 +19,7 @@ from pivot_mega.models.mllm import VisionLanguageModel
 from pivot_mega.training.config import load_run_config
 from pivot_mega.training.trainer import Trainer, TrainingError
 from tests.distributed import require_procs, run_workers
+from tests.hf_models import record
 from tests.training.runs import REPO, write_tiny_run
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -225,10 +226,11 @@ def test_parallel_layouts_give_the_single_process_losses(full_epoch_run, layout)
     assert run_workers(_layout_worker, 2, config, out, LAYOUTS[layout], timeout=400) == [3, 3]
     single, parallel = metrics(tmp / "single"), metrics(out)
     assert len(single) == len(parallel) == 3
-    for a, b in zip(single, parallel):
-        assert a["samples"] == b["samples"] == 12
-        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (layout, key, a["step"])
+    for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+        error = max(abs(b[key] - a[key]) / max(abs(a[key]), 1e-6) for a, b in zip(single, parallel))
+        record("train_vs_single_process", f"{layout}:{key}", error)
+        assert error <= 1e-4, (layout, key, [(a[key], b[key]) for a, b in zip(single, parallel)])
+    assert all(a["samples"] == b["samples"] == 12 for a, b in zip(single, parallel))
 
 
 @require_procs(2)
@@ -268,6 +270,8 @@ def test_bench_steps_agree_with_the_naive_step():
     assert online["optimised"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
     for stage in ("pretrain_projector", "sft"):
         assert run_benchmark(BenchOptions(stage=stage, preset="tiny", steps=1, warmup=0))["optimised"]["step_time_s"] > 0
+    fp8 = run_benchmark(BenchOptions(stage="sft", preset="tiny", steps=1, warmup=0, fp8="torchao"))
+    assert fp8["fp8"] == "torchao" and math.isfinite(fp8["optimised"]["first_loss"])
 
 
 def test_torch_profiler_window_traces_the_steps_phases(tmp_path):
