@@ -124,6 +124,11 @@ def _load_example(path: Path):
         return from_dict(LanguageConfig, path)
     if path.parent == CONFIGS and path.name.startswith("model_"):
         return load_model_config(path)
+    if path.parent == CONFIGS and path.name.startswith("train_"):
+        from pivot_mega.training.config import load_run_config
+        config = load_run_config(path)
+        assert config.stage in path.stem, (path, config.stage)
+        return config.model
     raise AssertionError(f"{path}: no loader for this kind of config; add one to this test")
 
 
