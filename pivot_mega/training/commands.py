@@ -55,11 +55,21 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .trainer import Trainer
 
+    from ..data.sources import DataError
+    from ..models.precision import PrecisionUnavailableError
+    from .steps import ReferenceError
+    from .trainer import TrainingError
+
     config = load_run_config(args.config, args.overrides)
     try:
         # Under torchrun, record() leaves this rank's traceback where the launcher reports the first
         # failing rank's error; our own line names the rank in every launcher.
         summary = record(Trainer(config).run)()
+    except (DataError, PrecisionUnavailableError, ReferenceError, TrainingError) as e:
+        # Errors about the inputs or the run: the message says what to do, a traceback would bury it.
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"pivot-mega train: error on rank {rank}: {e}", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:
         rank = dist.get_rank() if dist.is_initialized() else 0
         print(f"pivot-mega train: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -435,7 +435,7 @@ def precompute_reference_logps(reference: ParallelModel, config: RunConfig, dims
     pair id → [chosen sum, rejected sum]). Call on all ranks."""
     path = config.reference_logps_path
     model_config = reference.modules[0].config
-    loader = PackedDataLoader(dataclasses.replace(config.data, prefetch=config.data.prefetch),
+    loader = PackedDataLoader(config.data,
                               image_size=model_config.vision.image_size, num_image_tokens=model_config.num_image_tokens,
                               image_token_id=model_config.image_token_id, rank=dims.dp_rank, world_size=dims.layout.dp,
                               device_id=torch.cuda.current_device() if device_type == "cuda" else None)

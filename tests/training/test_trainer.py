@@ -281,3 +281,13 @@ def test_torch_profiler_window_traces_the_steps_phases(tmp_path):
     names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
     assert {"step_2", "step_3", "data", "forward_backward", "optimizer", "clip_grad_norm"} <= names
     assert "step_1" not in names
+
+
+def test_cli_reports_input_errors_in_one_line(tmp_path):
+    config = write_tiny_run(tmp_path, "dpo", ["train.max_steps=2", "dpo.reference=precomputed",
+                                              f"dpo.reference_logps={tmp_path / 'missing.json'}"])
+    process = _run_cli(config, f"train.out_dir={tmp_path / 'out'}")
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 2, output
+    assert "pivot-mega train: error on rank 0:" in output and "missing.json" in output
+    assert "Traceback" not in output
