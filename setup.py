@@ -41,6 +41,10 @@ setup(
         "pillow==13.0.0",
         # eval probe: the logistic-regression probe (LogisticRegression, lbfgs), as PIVOT's probe script.
         "scikit-learn==1.9.1",
+        # data.tokenizer trains the byte-level BPE of the demo and the tests (transformers needs it anyway).
+        "tokenizers==0.23.3",
+        # pivot-mega demo draws its report's plots.
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [

@@ -125,6 +125,7 @@ def _run_data(args) -> int:
 COMMAND_MODULES = (
     "pivot_mega.training.commands",
     "pivot_mega.eval.commands",
+    "pivot_mega.demo",
 )
 
 

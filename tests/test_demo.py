@@ -1,0 +1,88 @@
+"""``pivot-mega demo --quick`` end to end: data, four stages, probes, saliency, report (CPU, about a minute)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from pivot_mega import VisionLanguageModel
+from pivot_mega.cli import build_parser, main
+from pivot_mega.demo.pipeline import STAGES
+
+PLOTS = ("loss.png", "dpo.png", "probe.png", "saliency.png")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_writes_report_plots_and_metrics(demo_out):
+    report = (demo_out / "report.md").read_text()
+    for name in PLOTS:
+        png = demo_out / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"plots/{name}" in report
+    assert "nan" not in report.lower().replace("nanmean", "")
+
+    for stage in STAGES:
+        rows = [json.loads(line) for line in (demo_out / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(_finite(r["loss"]) and _finite(r["grad_norm"]) for r in rows), stage
+        if stage == "dpo":
+            assert all(_finite(r["rewards/accuracies"]) and _finite(r["rewards/margins"]) for r in rows)
+            assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+        assert (demo_out / "configs" / f"{stage}.yaml").is_file()
+
+    summary = json.loads((demo_out / "summary.json").read_text())
+    probe = summary["probe"]
+    assert {(r["encoder"], r["features"], r["probe"]) for r in probe} == {
+        (s, f, p) for s in STAGES for f in ("vit", "projector") for p in ("prototype", "logistic")}
+    assert all(0.0 <= r["top1"] <= 100.0 for r in probe)
+    answers = summary["heldout_answers"]
+    assert set(answers) == set(STAGES) and all(0.0 <= a["accuracy"] <= 100.0 and a["n"] > 0 for a in answers.values())
+    assert all(_finite(seconds) for seconds in summary["timings"].values())
+    # the report's stated numbers are the measured ones
+    dpo_probe = next(r["top1"] for r in probe if (r["encoder"], r["features"], r["probe"]) == ("dpo", "vit", "logistic"))
+    assert re.search(rf"\| DPO \| {dpo_probe:.1f} \|", report)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_checkpoints_load_and_saliency_maps_exist(demo_out):
+    import torch
+
+    for stage in STAGES:
+        model = VisionLanguageModel.from_checkpoint(demo_out / "stages" / stage / "final")
+        size = model.config.vision.image_size
+        ids = torch.full((1, model.config.num_image_tokens + 3), model.config.image_token_id)
+        ids[0, -3:] = torch.tensor([1, 5, 2])
+        with torch.no_grad():
+            logits = model(ids, torch.zeros(1, 3, size, size))
+        assert logits.shape == (1, ids.shape[1], model.config.language.vocab_size)
+        assert torch.isfinite(logits).all(), stage
+    for loss in ("sft", "dpo"):
+        index = json.loads((demo_out / "eval" / "saliency" / loss / "index.json").read_text())
+        assert index["maps"] and all((demo_out / "eval" / "saliency" / loss / m["file"]).is_file()
+                                     for m in index["maps"])
+
+
+def test_demo_command_is_registered_and_refuses_a_used_directory(tmp_path, capsys):
+    parser, runners = build_parser()
+    args = parser.parse_args(["demo", "--out", str(tmp_path), "--quick", "--steps-scale", "0.5"])
+    assert "demo" in runners and args.quick and args.steps_scale == 0.5
+    (tmp_path / "something").write_text("x")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
