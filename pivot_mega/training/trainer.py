@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +70,8 @@ class StopSignals:
         self._previous = {}
 
     def install(self) -> "StopSignals":
-        if hasattr(signal, "pthread_kill") and threading_is_main():
+        # Python delivers signals to the main thread only; elsewhere (a test's worker thread) none is installed.
+        if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name, None)
                 if number is not None:
@@ -86,11 +88,6 @@ class StopSignals:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous = {}
-
-
-def threading_is_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 @dataclasses.dataclass
