@@ -1,6 +1,6 @@
 """``pivot-mega demo``: the PIVOT stages end to end on real images, on a CPU, in minutes, with no download.
 
-scikit-learn's handwritten digits drawn on its sample photos → LLaVA / DPO JSON → shards → a tokenizer
+scikit-learn's handwritten digits drawn in colour → LLaVA / DPO JSON → shards → a tokenizer
 trained on the demo's texts → a tiny SigLIP + Qwen2 through stage 1a, 1b, then SFT and DPO from the
 same stage-1b checkpoint → probes of every encoder, held-out answers, saliency maps → ``report.md``.
 The parts: ``data`` (images and datasets), ``pipeline`` (the run), ``report`` (plots and text).

@@ -1,12 +1,11 @@
-"""The demo's data: scikit-learn's handwritten digits on its sample photos, written as users write theirs.
+"""The demo's data: scikit-learn's handwritten digits in colour, written as users write theirs.
 
     images = render_digits(DigitSplits.make(seed=0), out / "images", image_size=64, seed=0)
     paths = write_datasets(images, out / "data")      # LLaVA JSON (1a, 1b), DPO JSON (SFT, DPO), probe folders
 
-Real pictures, none made here: the 1797 8x8 digits of ``sklearn.datasets.load_digits`` (written by
-43 people, UCI's optdigits) drawn in colour at a random place and size over a random crop of
-``load_sample_images`` (a photo of a Chinese temple and one of a flower). Both ship with
-scikit-learn: nothing is downloaded. The digit numbers are split once into images the MLLM trains
+Real handwriting, none made here: the 1797 8x8 digits of ``sklearn.datasets.load_digits`` (written by
+43 people, UCI's optdigits), upscaled smoothly and drawn in a random colour at a random place and
+size on a dark background of a random tint. They ship with scikit-learn: nothing is downloaded. The digit numbers are split once into images the MLLM trains
 on and images it never sees, which the probes and the held-out evaluation use.
 """
 
@@ -23,8 +22,6 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # Colours the digit is drawn in (RGB), named in the captions.
 COLOURS = {"red": (235, 40, 40), "green": (40, 215, 60), "blue": (50, 90, 255), "yellow": (250, 230, 40),
            "white": (250, 250, 250), "cyan": (40, 230, 230), "magenta": (235, 50, 220), "orange": (255, 150, 30)}
-# The two photos of sklearn.datasets.load_sample_images, in its order, as the captions name them.
-BACKGROUNDS = ("a temple", "a flower")
 DIGIT_QUESTIONS = ("Which digit is written in the image?", "What number is this?", "Read the handwritten digit.")
 
 # Stage 1a (plain template: the prompt is dropped, the caption trained), as LLaVA-Pretrain's prompts.
@@ -34,8 +31,10 @@ QUESTION = "<image>\nWhich digit is this?"
 
 
 def answer(digit: int) -> str:
-    """The reply to QUESTION that names ``digit``."""
-    return f"The digit is {DIGIT_NAMES[digit]}."
+    """The reply to QUESTION that names ``digit``: the name alone, so that the loss of a reply is
+    mostly the digit's (a longer reply's shared words are learned in a few steps and then only
+    dilute it)."""
+    return f"{DIGIT_NAMES[digit].capitalize()}."
 
 
 @dataclasses.dataclass
@@ -73,38 +72,28 @@ class DigitImage:
     index: int  # into load_digits()
     digit: int
     colour: str
-    background: str
 
     def caption(self) -> str:
-        return f"a handwritten {DIGIT_NAMES[self.digit]} in {self.colour} on a photo of {self.background}"
+        return f"a handwritten {DIGIT_NAMES[self.digit]} in {self.colour}"
 
 
-def _photos() -> list[np.ndarray]:
-    from sklearn.datasets import load_sample_images
-
-    return [np.asarray(image, dtype=np.uint8) for image in load_sample_images().images]
-
-
-# The digit's side as a fraction of the image's, drawn uniformly; the photo's brightness behind it.
-# Large and dimmed: a ViT trained from scratch for minutes learns digits this size on a CPU, and not
-# much smaller ones (measured: a direct classifier of the demo's ViT stays at chance for 800 steps on
-# digits half the image's size over full-brightness photos).
+# The digit's side as a fraction of the image's, drawn uniformly; the background's channels, each
+# drawn uniformly in 0..BACKGROUND_MAX (a dark tint). Large, on a plain background: a ViT trained from
+# scratch for minutes on a CPU learns these (measured: a direct classifier of the demo's ViT reaches
+# 88 % after 400 steps of 16 at 32 px in 8 px patches), while over crops of photos it stayed near
+# chance for as long.
 DIGIT_SIZE = (0.8, 0.95)
-BACKGROUND_BRIGHTNESS = 0.35
+BACKGROUND_MAX = 60
 
 
-def render_digit(digit_pixels: np.ndarray, photo: np.ndarray, rng: np.random.Generator, image_size: int,
+def render_digit(digit_pixels: np.ndarray, rng: np.random.Generator, image_size: int,
                  colour: tuple[int, int, int]) -> np.ndarray:
-    """An 8x8 digit (values 0-16) drawn at a random size and place over a random crop of ``photo``,
-    dimmed so that the digit stays the brightest thing in the picture: ``[image_size, image_size, 3]`` uint8."""
+    """An 8x8 digit (values 0-16) upscaled smoothly and drawn at a random size and place on a dark
+    background of a random tint: ``[image_size, image_size, 3]`` uint8."""
     from PIL import Image
 
-    height, width = photo.shape[:2]
-    crop = int(rng.integers(image_size, min(height, width) // 2))
-    top, left = int(rng.integers(0, height - crop)), int(rng.integers(0, width - crop))
-    background = Image.fromarray(photo[top:top + crop, left:left + crop]).resize(
-        (image_size, image_size), Image.Resampling.BILINEAR)
-    canvas = np.asarray(background, dtype=np.float32) * BACKGROUND_BRIGHTNESS
+    tint = rng.uniform(0, BACKGROUND_MAX, 3).astype(np.float32)
+    canvas = np.broadcast_to(tint, (image_size, image_size, 3)).copy()
     size = int(rng.integers(round(image_size * DIGIT_SIZE[0]), round(image_size * DIGIT_SIZE[1]) + 1))
     mask = Image.fromarray((digit_pixels / 16.0 * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
@@ -123,7 +112,6 @@ def render_digits(indices: np.ndarray, directory: str | os.PathLike, *, image_si
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    photos = _photos()
     rng = np.random.default_rng(seed)
     directory = Path(directory)
     colour_names = list(COLOURS)
@@ -131,8 +119,7 @@ def render_digits(indices: np.ndarray, directory: str | os.PathLike, *, image_si
     for index in indices.tolist():
         digit = int(digits.target[index])
         colour = colour_names[int(rng.integers(len(colour_names)))]
-        photo = int(rng.integers(len(photos)))
-        pixels = render_digit(digits.images[index], photos[photo], rng, image_size, COLOURS[colour])
+        pixels = render_digit(digits.images[index], rng, image_size, COLOURS[colour])
         folder = f"{digit}_{DIGIT_NAMES[digit]}/" if subdirs_by_digit else ""
         file = f"{folder}{prefix}{index:04d}.{image_format}"
         (directory / file).parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +127,7 @@ def render_digits(indices: np.ndarray, directory: str | os.PathLike, *, image_si
             Image.fromarray(pixels).save(directory / file, quality=92)
         else:
             Image.fromarray(pixels).save(directory / file)
-        out.append(DigitImage(file, index, digit, colour, BACKGROUNDS[photo]))
+        out.append(DigitImage(file, index, digit, colour))
     return out
 
 
@@ -157,14 +144,13 @@ def caption_rows(images: list[DigitImage], rng: np.random.Generator) -> list[dic
 
 
 def conversation_rows(images: list[DigitImage], rng: np.random.Generator) -> list[dict]:
-    """Stage 1b, LLaVA-NeXT style: the digit first, then its colour and/or the photo behind it."""
+    """Stage 1b, LLaVA-NeXT style: the digit, then (every other conversation or so) its colour."""
     rows = []
     for im in images:
         question = DIGIT_QUESTIONS[int(rng.integers(len(DIGIT_QUESTIONS)))]
-        turns = [("<image>\n" + question, f"It is a handwritten {DIGIT_NAMES[im.digit]}.")]
-        more = [("What colour is the digit?", f"The digit is {im.colour}."),
-                ("What is behind the digit?", f"A photo of {im.background}.")]
-        turns += [more[k] for k in rng.permutation(len(more))[:int(rng.integers(1, len(more) + 1))]]
+        turns = [("<image>\n" + question, answer(im.digit))]
+        if rng.random() < 0.5:
+            turns.append(("What colour is the digit?", f"The digit is {im.colour}."))
         rows.append({"id": f"chat-{Path(im.file).stem}", "image": im.file,
                      "conversations": [{"from": role, "value": text} for q, a in turns
                                        for role, text in (("human", q), ("gpt", a))]})

@@ -272,8 +272,8 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         "## What ran",
         "",
         f"- **Data.** The {counts['train_digits'] + counts['probe_train'] + counts['probe_val']} 8x8 digits of "
-        "scikit-learn's `load_digits` (UCI optdigits), each drawn large, in a random colour, over a dimmed "
-        f"random crop of scikit-learn's two sample photos (a temple, a flower), {vision['image_size']}x"
+        "scikit-learn's `load_digits` (UCI optdigits), each upscaled smoothly and drawn large, in a random "
+        f"colour, at a random place on a dark background of a random tint, {vision['image_size']}x"
         f"{vision['image_size']} px, written as PNG/JPEG files. "
         f"{counts['train_digits']} digits train the MLLM: stage 1 sees them as captions ({counts['captions']}) "
         f"and conversations ({counts['conversations']}); stage 2 as {counts['pairs']} preference pairs "
@@ -287,7 +287,9 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         f"layers (the penultimate of {vision['num_hidden_layers']} feeds the projector), {vision['image_size']} px "
         f"in {vision['patch_size']} px patches = {(vision['image_size'] // vision['patch_size']) ** 2} image tokens "
         f"-> mlp2x_gelu -> Qwen2 {language['hidden_size']}d x {language['num_hidden_layers']} layers, vocabulary "
-        f"{language['vocab_size']}; random init"
+        f"{language['vocab_size']}, output head untied; random init (each layer's PyTorch default, written to "
+        "`stages/init/` for stage 1a to start from: from the trainer's N(0, 0.02) init this 3-layer LLM did not "
+        "learn to read the digits in the demo's budget)"
         + (f"; {params['total'] / 1e6:.2f}M parameters (ViT {params['vision'] / 1e6:.2f}M, projector "
            f"{params['projector'] / 1e6:.2f}M, LLM {params['language'] / 1e6:.2f}M)." if params else "."),
         "- **Stages**, each a `pivot-mega train` run of its config in `configs/` "
