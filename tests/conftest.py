@@ -20,6 +20,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 SEED_ENV = "PIVOT_TEST_SEED"
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """One tiny byte-level BPE tokenizer with Qwen's special tokens per session."""
+    from tests.data.helpers import make_tokenizer
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def image_token(tokenizer_dir) -> int:
+    """The tokenizer's ``<|image_pad|>`` id."""
+    from tests.data.helpers import image_token_id
+    return image_token_id(tokenizer_dir)
+
+
 @pytest.fixture
 def seed(request) -> int:
     """Seeds torch, numpy and random with a fresh seed (or $PIVOT_TEST_SEED) and returns it.

@@ -1,4 +1,5 @@
-"""Shared fixtures of the evaluation tests: a tiny tokenizer, a tiny checkpoint that uses its image token."""
+"""Shared helpers of the evaluation tests: a tiny checkpoint that uses the session tokenizer's image token
+(``tokenizer_dir`` and ``image_token`` come from tests/conftest.py)."""
 
 from pathlib import Path
 
@@ -7,19 +8,8 @@ import pytest
 from pivot_mega.config import load_model_config
 from pivot_mega.models import VisionLanguageModel
 from pivot_mega.models.checkpoint_io import save_model
-from tests.data.helpers import image_token_id, make_tokenizer
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "model_tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def image_token(tokenizer_dir) -> int:
-    return image_token_id(tokenizer_dir)
 
 
 def tiny_model(image_token: int, seed: int = 0) -> VisionLanguageModel:
