@@ -112,6 +112,10 @@ def test_pre_timeout_signal_saves_requeues_and_resumes(slurm, tmp_path):
         assert info.get("JobState") in ("RUNNING", "COMPLETING", "PENDING"), f"{info}\n{_log(tmp_path, job)}"
         assert time.monotonic() < deadline, f"job not requeued: {info}\n{_log(tmp_path, job)}"
         time.sleep(0.5)
+    # Not in the same second as the requeue: slurmd revokes the old start's credential then, and
+    # kills a new start whose credential is not newer ("Job credential revoked"); Slurm's own hold
+    # exists for that reason.
+    time.sleep(3)
     for _ in range(20):
         info = slurm.job(job)
         if info.get("JobState") != "PENDING":
