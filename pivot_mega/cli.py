@@ -23,6 +23,14 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def describe_model(config, *, vision: str = "SigLIP", projector: str = "mlp2x_gelu", language: str = "Qwen2") -> str:
+    """One line on a model config's towers, for the commands that write checkpoints."""
+    v, lang = config.vision, config.language
+    return (f"{vision} {v.hidden_size}d x {v.num_layers_built} layers (select_layer {v.select_layer}, "
+            f"{config.num_image_tokens} tokens/image) -> {projector} -> {language} {lang.hidden_size}d x "
+            f"{lang.num_hidden_layers} layers, vocab {lang.vocab_size}, image token {config.image_token_id}")
+
+
 def _add_convert(sub) -> None:
     convert = sub.add_parser("convert", help="HF checkpoints in and out")
     verbs = convert.add_subparsers(dest="verb", required=True)
@@ -62,11 +70,7 @@ def _run_convert(args) -> None:
                            llm=args.llm, vision_config=args.vision_config, select_layer=args.select_layer,
                            image_token_id=args.image_token_id, seed=args.seed,
                            dtype=DTYPES.get(args.dtype), max_shard_bytes=args.max_shard_size)
-        v, lang = config.vision, config.language
-        print(f"wrote {args.out}: SigLIP {v.hidden_size}d x {v.num_layers_built} layers "
-              f"(select_layer {v.select_layer}, {config.num_image_tokens} tokens/image) -> mlp2x_gelu -> "
-              f"Qwen2 {lang.hidden_size}d x {lang.num_hidden_layers} layers, vocab {lang.vocab_size}, "
-              f"image token {config.image_token_id}")
+        print(f"wrote {args.out}: {describe_model(config)}")
     else:
         out = export_hf(args.ckpt, args.out, format=args.format, max_shard_bytes=args.max_shard_size)
         print(f"wrote {out} ({args.format})")

@@ -194,9 +194,8 @@ def run_transplant(args) -> int:
         raise TransplantError("--llm is required: a Qwen2 HF directory or a pivot_mega checkpoint")
     config = transplant(args.vision_from, args.llm, args.out, seed=args.seed, image_token_id=args.image_token_id,
                         dtype=DTYPES.get(args.dtype), max_shard_bytes=args.max_shard_size)
-    v, lang = config.vision, config.language
-    print(f"wrote {args.out}: encoder of {args.vision_from} (SigLIP {v.hidden_size}d x {v.num_layers_built} layers, "
-          f"{config.num_image_tokens} tokens/image) -> fresh mlp2x_gelu (seed {args.seed}) -> language model of "
-          f"{args.llm} ({lang.hidden_size}d x {lang.num_hidden_layers} layers, vocab {lang.vocab_size}), image token "
-          f"{config.image_token_id}")
+    from ..cli import describe_model
+    print(f"wrote {args.out}: " + describe_model(config, vision=f"the SigLIP encoder of {args.vision_from},",
+                                                 projector=f"fresh mlp2x_gelu (seed {args.seed})",
+                                                 language=f"the Qwen2 of {args.llm},"))
     return 0
