@@ -39,7 +39,7 @@ RUN pip install --no-cache-dir --no-deps . \
  && cat /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && test "$(python -c 'import torch; print(torch.__version__)')" = "$(cat /etc/pip/pivot-torch-version.txt)" \
- && python -c 'import pivot_mega.training.trainer, pivot_mega.models.precision' \
+ && python -c 'import pivot_mega.training.trainer, pivot_mega.precision, pivot_mega.kernels' \
  && pivot-mega --help > /dev/null
 
 # No Docker HEALTHCHECK: a periodic check would take GPU time from a training run, and pyxis/enroot

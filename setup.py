@@ -21,7 +21,12 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pivot_mega", "pivot_mega.*", "kernels", "kernels.*"]),
+    # kernels/ installs as pivot_mega.kernels, never as a top-level `kernels`: that name is Hugging
+    # Face's package, which transformers probes for. Editable installs map it with setuptools' finder.
+    packages=find_packages(include=["pivot_mega", "pivot_mega.*"]) + ["pivot_mega.kernels"],
+    package_dir={"pivot_mega.kernels": "kernels"},
+    # Presets ship inside the package (pivot_mega.presets finds them with importlib.resources).
+    package_data={"pivot_mega.presets": ["*.yaml", "models/*.yaml"]},
     install_requires=[
         # Not pinned exactly: NGC containers ship their own CUDA build of torch, which must be kept.
         # `make setup` installs torch==2.13.0 first (the version the tests run on).
@@ -51,8 +56,8 @@ setup(
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
             "pytest-timeout==2.4.0",
-            # The Triton kernels (kernels/) are tested on CPU in Triton's interpreter, at the version
-            # the GPU runs use with torch 2.11. CUDA builds of torch bring their own triton.
+            # The Triton kernels (pivot_mega.kernels) are tested on CPU in Triton's interpreter, at the
+            # version the GPU runs use with torch 2.11. CUDA builds of torch bring their own triton.
             "triton==3.6.0",
             # DALI runs its CPU pipelines without a GPU: the tests compare its pixels with the python
             # backend's. Linux wheels only; elsewhere those tests skip.

@@ -14,7 +14,7 @@ exponentials, label logit if the label is in its slice), and two all-reduces com
 
 Implementations behind :func:`linear_logprob` (``impl=``):
 
-- ``triton``: fused Triton kernels (``kernels/triton_linear_logprob.py``); CUDA, or CPU under
+- ``triton``: fused Triton kernels (``triton_linear_logprob.py``); CUDA, or CPU under
   ``TRITON_INTERPRET=1`` for tests.
 - ``chunked``: torch ops over ``[token_chunk, vocab_chunk]`` tiles; the CPU default and the readable
   reference for the Triton kernels.
@@ -25,10 +25,17 @@ Implementations behind :func:`linear_logprob` (``impl=``):
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .backend import Backend
+
+# torch's cross-entropy convention, as pivot_mega.batch.IGNORE_INDEX. Not imported from there: this folder
+# also loads as a top-level package when the repository is the working directory (transformers probes
+# a package named `kernels`), where a relative import beyond it fails.
+IGNORE_INDEX = -100
 
 IMPLEMENTATIONS = ("auto", "triton", "chunked", "naive")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,21 +45,6 @@ CHUNKED_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 class KernelUnavailableError(RuntimeError):
     """The requested implementation cannot run here (package missing, wrong device, unsupported dtype)."""
-
-
-class Backend(NamedTuple):
-    """One implementation of the per-slice work; the vocab-parallel reductions and autograd are shared.
-
-    ``logit_stats(hidden, weight, labels_here, *, token_chunk, vocab_chunk) -> (max, sumexp, target)``
-    and ``logit_grads(hidden, weight, labels_here, lse, grad_logprob, *, token_chunk, vocab_chunk,
-    need_hidden, need_weight) -> (grad_hidden, grad_weight)``; see the chunked functions below.
-    """
-
-    name: str
-    logit_stats: Callable
-    logit_grads: Callable
-    token_chunk: int   # default tile sizes
-    vocab_chunk: int
 
 
 class LinearLogprobOutput(NamedTuple):
@@ -73,7 +65,7 @@ class LinearLogprobOutput(NamedTuple):
 
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                   tp_group: dist.ProcessGroup | None = None, ignore_index: int = -100,
+                   tp_group: dist.ProcessGroup | None = None, ignore_index: int = IGNORE_INDEX,
                    token_chunk: int | None = None, vocab_chunk: int | None = None,
                    impl: str = "auto", return_stats: bool = False):
     """Log-probability of each label under ``softmax(hidden @ weight_full.T)``, with autograd.
@@ -173,7 +165,7 @@ def resolve_impl(impl: str, *, device_type: str, dtype: torch.dtype, triton_erro
 def _triton_backend() -> Backend:
     # Imported on first use: the module defines @triton.jit kernels, which Triton builds for the GPU
     # or for its interpreter depending on TRITON_INTERPRET at import time.
-    from kernels import triton_linear_logprob
+    from . import triton_linear_logprob
 
     return triton_linear_logprob.TRITON
 
@@ -219,12 +211,6 @@ def local_labels(labels: torch.Tensor, vocab_start: int, vocab_local: int) -> to
 
 # ----------------------------------------------------------------------------------------------
 # Autograd and the vocab-parallel reductions (shared by the chunked and Triton paths)
-
-
-def merge_partial_stats(row_max: torch.Tensor, row_sumexp: torch.Tensor):
-    """Merges log-sum-exp partials over dim 0: ``[S, N]`` max and sum of exp(logit - max) → ``[N]`` each."""
-    merged_max = row_max.amax(dim=0)
-    return merged_max, (row_sumexp * torch.exp(row_max - merged_max)).sum(dim=0)
 
 
 def combine_over_vocab_shards(row_max, row_sumexp, target, tp_group):
@@ -406,7 +392,7 @@ class _GatherVocabShards(torch.autograd.Function):
         return grad[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None
 
 
-def naive_linear_logprob(hidden, weight, labels, *, tp_group=None, ignore_index=-100):
+def naive_linear_logprob(hidden, weight, labels, *, tp_group=None, ignore_index=IGNORE_INDEX):
     """``log_softmax(hidden @ weight.T)`` gathered at the labels, holding all ``[N, V]`` logits.
 
     Computes in fp32 (fp64 for fp64 inputs); with ``tp_group`` the logits of all ranks are gathered.

@@ -1,4 +1,4 @@
-"""Triton kernels for :func:`kernels.linear_logprob.linear_logprob` (``impl="triton"``).
+"""Triton kernels for :func:`pivot_mega.kernels.linear_logprob.linear_logprob` (``impl="triton"``).
 
 Forward: one fused kernel. A program owns ``BLOCK_N`` tokens and a contiguous run of vocabulary tiles;
 for each ``[BLOCK_N, BLOCK_V]`` tile it computes the logits with ``tl.dot`` over ``BLOCK_K`` slices
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear_logprob import Backend, merge_partial_stats
+from .backend import Backend, merge_partial_stats
 
 
 @dataclasses.dataclass(frozen=True)

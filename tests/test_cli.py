@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from pivot_mega.cli import build_parser
 from pivot_mega.models import VisionLanguageModel
 from tests.hf_models import CASES, make_llava, make_qwen2, make_siglip, mllm_inputs, rel_err
 
@@ -60,3 +61,13 @@ def test_errors_exit_2_with_the_reason(tmp_path):
     assert "Traceback" not in done.stderr
     done = _cli("convert", "export-hf", "--ckpt", tmp_path / "missing", "--out", tmp_path / "x")
     assert done.returncode == 2 and "not a pivot_mega checkpoint" in done.stderr
+
+
+def test_each_command_runs_from_the_module_next_to_its_code():
+    parser, runners = build_parser()
+    assert {name: run.__module__ for name, run in runners.items()} == {
+        "convert": "pivot_mega.convert.commands", "transplant": "pivot_mega.convert.commands",
+        "data": "pivot_mega.data.commands", "train": "pivot_mega.training.commands",
+        "bench": "pivot_mega.training.commands", "eval": "pivot_mega.eval.commands", "demo": "pivot_mega.demo"}
+    # The order `pivot-mega --help` lists them in.
+    assert "{convert,data,train,bench,eval,transplant,demo}" in parser.format_usage()

@@ -1,4 +1,4 @@
-"""Model configs: every example YAML loads, presets have the published sizes, errors name the key."""
+"""Model configs: every preset and example YAML loads, presets have the published sizes, errors name the key."""
 
 from pathlib import Path
 
@@ -6,11 +6,13 @@ import pytest
 
 from pivot_mega.config import (ConfigError, LanguageConfig, ModelConfig, VisionConfig, from_dict,
                                load_model_config)
+from pivot_mega.presets import model_preset_path, presets_dir
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-PRESETS = CONFIGS / "models"
-PIVOT_DEFAULT = CONFIGS / "model_pivot_so400m_qwen2.5_1.5b.yaml"
-TINY = CONFIGS / "model_tiny.yaml"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"  # run configs
+PRESET_DIR = presets_dir()  # model configs, package data
+PRESETS = PRESET_DIR / "models"  # their vision / language sections
+PIVOT_DEFAULT = model_preset_path("pivot-1.5b")
+TINY = model_preset_path("tiny")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def test_tiny_config_is_tiny():
 
 
 # ------------------------------------------------------------------------------------------------
-# Every YAML under examples/configs loads and validates.
+# Every YAML under pivot_mega/presets and examples/configs loads and validates.
 
 
 def _load_example(path: Path):
@@ -122,9 +124,9 @@ def _load_example(path: Path):
         return from_dict(VisionConfig, path)
     if path.parent == PRESETS and path.name.startswith("qwen"):
         return from_dict(LanguageConfig, path)
-    if path.parent == CONFIGS and path.name.startswith("model_"):
+    if path.parent == PRESET_DIR and path.name.startswith("model_"):
         return load_model_config(path)
-    if path.parent == CONFIGS and path.name.startswith("train_"):
+    if path.parent == EXAMPLES and path.name.startswith("train_"):
         from pivot_mega.training.config import load_run_config
         config = load_run_config(path)
         assert config.stage in path.stem, (path, config.stage)
@@ -132,14 +134,22 @@ def _load_example(path: Path):
     raise AssertionError(f"{path}: no loader for this kind of config; add one to this test")
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+ALL_CONFIGS = [*sorted(PRESET_DIR.rglob("*.yaml")), *sorted(EXAMPLES.rglob("*.yaml"))]
+
+
+def _config_id(path: Path) -> str:
+    root = PRESET_DIR if PRESET_DIR in path.parents else EXAMPLES
+    return f"{root.name}/{path.relative_to(root)}"
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_config_id)
 def test_every_example_config_loads_and_validates(path):
     config = _load_example(path)
     config.validate()
 
 
 def test_example_configs_exist():
-    assert len(list(CONFIGS.rglob("*.yaml"))) >= 11
+    assert len(list(PRESET_DIR.rglob("*.yaml"))) >= 11 and len(list(EXAMPLES.glob("train_*.yaml"))) == 4
 
 
 def test_preset_paths_resolve_relative_to_the_naming_file(tmp_path, monkeypatch):

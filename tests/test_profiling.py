@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels import linear_logprob
-from pivot_mega.models.layers import PackedSeqs
+from pivot_mega.kernels import linear_logprob
 from pivot_mega.config import ConfigError, from_dict
 from pivot_mega.profiling import (ProfileConfig, StepProfiler, ThroughputMeter, attended_pairs, forward_flops,
                                   nvtx_range, peak_tflops, step_flops)
@@ -18,14 +17,12 @@ from tests.parallel.test_equivalence import make_batch, split, tiny_config
 
 
 def _run(model, mb, backward: bool) -> float:
-    packed = PackedSeqs.from_position_ids(mb.position_ids)
-    keep = mb.labels != -100
     with FlopCounterMode(display=False) as counter:
-        hidden = model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
-                       return_hidden=True)
+        hidden = model(mb.input_ids, mb.images, packed=mb.packed, return_hidden=True)
         # The plain head (one matmul over labelled positions): exactly the model FLOPs of the head. The
         # fused kernel adds a recompute in backward, which is its own cost, measured by its benchmark.
-        logprobs = linear_logprob(hidden[keep], model.language.head_weight, mb.labels[keep], impl="naive")
+        logprobs = linear_logprob(hidden.flatten(0, 1)[mb.targets.positions], model.language.head_weight,
+                                  mb.targets.tokens, impl="naive")
         if backward:
             logprobs.sum().backward()
     return counter.get_total_flops()
@@ -43,7 +40,7 @@ def test_flops_match_torch_flop_counter(seed, monkeypatch):
     model = VisionLanguageModel(config).init_weights(seed)
     (mb,) = split(make_batch(config, seed, 0), slice(0, 4), 1)
     batch, seqlen = mb.input_ids.shape
-    labels = int((mb.labels != -100).sum())
+    labels = len(mb.targets)
     # A masked dense attention computes every query-key pair of each row: count densely here.
     ours = forward_flops(config, num_images=mb.pixel_values.shape[0], num_tokens=batch * seqlen,
                          attention_pairs=attended_pairs([seqlen] * batch, causal=False), num_labels=labels)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of the label log-prob head: naive full logits vs kernels.linear_logprob, fwd + bwd.
+"""Benchmark of the label log-prob head: naive full logits vs pivot_mega.kernels.linear_logprob, fwd + bwd.
 
     python tools/bench_logprob.py                                  # N=8192, H=1536 and 3584, V=151936
     python tools/bench_logprob.py --tokens 2048 --impls naive chunked
@@ -59,12 +59,13 @@ def _parse_args(argv):
 
 def _pass_fn(impl, args):
     """A function running one fwd + bwd on (hidden, weight, labels)."""
-    from kernels.linear_logprob import linear_logprob
+    from pivot_mega.batch import IGNORE_INDEX
+    from pivot_mega.kernels.linear_logprob import linear_logprob
 
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
 
         def run(hidden, weight, labels):
             loss = loss_fn(weight, hidden, labels)

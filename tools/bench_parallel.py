@@ -58,7 +58,8 @@ def worker(args) -> None:
 
     from pivot_mega.config import ModelConfig, from_dict, load_model_config
     from pivot_mega.models import VisionLanguageModel
-    from pivot_mega.parallel import MicroBatch, ParallelConfig, build_mesh, lm_loss, parallelize
+    from pivot_mega.batch import IGNORE_INDEX, MicroBatch, PackedSeqs, Targets
+    from pivot_mega.parallel import ParallelConfig, build_mesh, lm_loss, parallelize
 
     torch.manual_seed(0)
     # Tiny gradients and their squares (AdamW's second moment) underflow into denormals, which x86 CPUs
@@ -83,20 +84,20 @@ def worker(args) -> None:
     gen = torch.Generator().manual_seed(1234 + dp_rank)
     ids = torch.randint(0, model_config.image_token_id, (rows, args.seqlen), generator=gen)
     ids[:, 1:1 + t] = model_config.image_token_id  # one image per row, then text
-    positions = torch.arange(args.seqlen).repeat(rows, 1)
     half = args.seqlen // 2  # two samples per row
-    positions[:, half:] -= half
     labels = torch.randint(0, model_config.language.vocab_size, (rows, args.seqlen), generator=gen)
-    labels[ids == model_config.image_token_id] = -100
+    labels[ids == model_config.image_token_id] = IGNORE_INDEX
     size = model_config.vision.image_size
     pixels = torch.randn(rows, 3, size, size, generator=gen)
     step_rows = rows // n_micro
-    micro = [MicroBatch(*(x[k * step_rows:(k + 1) * step_rows].to(device) for x in (ids, positions, pixels, labels)))
-             for k in range(n_micro)]
-    total_labels = int((labels != -100).sum()) * dp
+    packed = PackedSeqs.from_lengths([[half, args.seqlen - half]] * step_rows)
+    micro = [MicroBatch(ids[k * step_rows:(k + 1) * step_rows], packed,
+                        Targets.from_dense(labels[k * step_rows:(k + 1) * step_rows]),
+                        pixels[k * step_rows:(k + 1) * step_rows]).to(device) for k in range(n_micro)]
+    total_labels = int((labels != IGNORE_INDEX).sum()) * dp
 
     def step():
-        pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total_labels, dp))
+        pmodel.forward_backward(micro, lambda h, w, mb: lm_loss(h, w, mb.targets, total_labels, dp))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device_type == "cuda":

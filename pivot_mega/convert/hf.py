@@ -15,22 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig, from_dict, load_yaml
+from ..data.tokenizer import copy_tokenizer_files
+from ..models.checkpoint_files import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, check_tensors, read_safetensors_dir,
+                                       write_safetensors_dir)
+from ..models.checkpoint_io import expected_shapes, read_checkpoint, write_checkpoint
 from ..models.mllm import init_parameters
 from ..models.projector import Projector
-from ..models.checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, check_tensors, expected_shapes,
-                                    read_checkpoint, read_safetensors_dir, write_checkpoint,
-                                    write_safetensors_dir)
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 IMAGE_TOKENS = ("<image>", "<|image_pad|>")
 # Tensors of LLaVA-NeXT checkpoints that a square-image (non-anyres) model never uses.
 IGNORED_REFERENCE_TENSORS = ("model.image_newline",)
@@ -320,15 +318,6 @@ def import_llava_next(ref_dir, *, vision_config: str | os.PathLike | None = None
     return config, _cast(tensors, dtype), _cast(unused, dtype)
 
 
-def copy_tokenizer(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(target) / name)
-            copied.append(name)
-    return copied
-
-
 def import_hf(out, *, llava=None, llava_next=None, vision=None, llm=None, vision_config=None,
               select_layer: int = -2, image_token_id: int | None = None, seed: int = 0,
               dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
@@ -350,7 +339,7 @@ def import_hf(out, *, llava=None, llava_next=None, vision=None, llm=None, vision
                                                     image_token_id=image_token_id, seed=seed, dtype=dtype)
         tokenizer_dir = llm
     write_checkpoint(out, config, tensors, unused_vision=unused, max_shard_bytes=max_shard_bytes)
-    copy_tokenizer(tokenizer_dir, out)
+    copy_tokenizer_files(tokenizer_dir, out)
     return config
 
 
@@ -443,7 +432,7 @@ def export_hf(ckpt, out, *, format: str = "llava", max_shard_bytes: int = DEFAUL
           "vision_config": vision_hf, "text_config": _hf_text(config.language)}
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(config.vision), indent=2) + "\n")
-    if copy_tokenizer(ckpt, out):
+    if copy_tokenizer_files(ckpt, out):
         _make_processor(out, config)
     return out
 

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, ProjectorConfig
-from ..models.checkpoint_io import (DEFAULT_MAX_SHARD_BYTES, FORMAT_NAME, CheckpointError, read_checkpoint,
-                                    read_safetensors_dir, write_checkpoint)
+from ..data.tokenizer import copy_tokenizer_files
+from ..models.checkpoint_files import DEFAULT_MAX_SHARD_BYTES, FORMAT_NAME, CheckpointError, read_safetensors_dir
+from ..models.checkpoint_io import read_checkpoint, write_checkpoint
 from ..models.mllm import init_parameters
 from ..models.projector import Projector
-from .hf import (_image_token_from_tokenizer, _read_json, _resolve_image_token, assemble, copy_tokenizer,
-                 export_hf, language_config_from_hf)
+from .hf import (_image_token_from_tokenizer, _read_json, _resolve_image_token, assemble, export_hf,
+                 language_config_from_hf)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def transplant(vision_from: str | os.PathLike, llm: str | os.PathLike, out: str 
     config, tensors, unused, llm_dir = transplant_tensors(vision_from, llm, seed=seed,
                                                           image_token_id=image_token_id, dtype=dtype)
     write_checkpoint(out, config, tensors, unused_vision=unused, max_shard_bytes=max_shard_bytes)
-    copy_tokenizer(llm_dir, out)
+    copy_tokenizer_files(llm_dir, out)
     log.info("transplant: encoder of %s + language model of %s + projector (seed %d) -> %s",
              vision_from, llm_dir, seed, out)
     return config

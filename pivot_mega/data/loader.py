@@ -37,10 +37,11 @@ import torch
 
 from .config import DataConfig
 from .images import make_image_decoder
-from .packing import PackedBatch, build_micro_batch, plan_window
+from ..batch import IGNORE_INDEX, MicroBatch
+from .packing import build_micro_batch, plan_window
 from .shards import ShardSet
 from .sources import DataError
-from .templates import IGNORE_INDEX, LoadSkip, TextEncoder, Unit
+from .templates import LoadSkip, TextEncoder, Unit
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class _Window:
 
 
 class PackedDataLoader:
-    """Iterates packed micro-batches (``PackedBatch``) of one rank, epoch after epoch, without end.
+    """Iterates packed micro-batches (``batch.MicroBatch``) of one rank, epoch after epoch, without end.
 
     ``image_size``, ``num_image_tokens`` and ``image_token_id`` come from the model config;
     ``rank`` / ``world_size`` are the data-parallel coordinates; ``device_id``: the GPU for
@@ -135,7 +136,7 @@ class PackedDataLoader:
     # ------------------------------------------------------------------------------------------
     # iteration
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         self._stop_prefetch()
         self._generation += 1
         generation = self._generation
@@ -164,7 +165,7 @@ class PackedDataLoader:
             self._prefetcher.close()
             self._prefetcher = None
 
-    def _count(self, batch: PackedBatch, skips: list[LoadSkip], read: int) -> None:
+    def _count(self, batch: MicroBatch, skips: list[LoadSkip], read: int) -> None:
         c = self.counters
         c.samples_read += read
         c.skipped.update(s.reason for s in skips)
@@ -226,15 +227,17 @@ class PackedDataLoader:
         steps = [[[[units[i] for i in row] for row in batch] for batch in step] for step in plan.steps]
         return _Window(steps, tuple(units[i].index for i in plan.carry), next_cursor, len(new), skips)
 
-    def _materialize(self, rows: list[list[Unit]]) -> PackedBatch:
-        batch = build_micro_batch(rows, self.config.max_seq_len, self.encoder.pad_token_id)
+    def _materialize(self, rows: list[list[Unit]]) -> MicroBatch:
+        try:
+            batch = build_micro_batch(rows, self.config.max_seq_len, self.encoder.pad_token_id)
+        except ValueError as e:
+            raise DataError(f"{self.config.shards}: {e}") from e
         # A DPO pair shows its image to both sequences: decoded once, indexed twice.
         unique = list(dict.fromkeys(batch.image_refs))
-        pixels = self.decoder([self.shards.image_bytes(index, member) for index, member in unique])
+        batch.images = self.decoder([self.shards.image_bytes(index, member) for index, member in unique])
         where = {ref: k for k, ref in enumerate(unique)}
-        batch.images = pixels
-        batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
-        batch.pixel_values = pixels if len(unique) == len(batch.image_refs) else pixels[batch.image_index]
+        if len(unique) != len(batch.image_refs):
+            batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
         return batch
 
     # ------------------------------------------------------------------------------------------

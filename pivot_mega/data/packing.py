@@ -8,9 +8,9 @@ units, and the last window of an epoch pads its group with empty rows. Rows of a
 over the ranks' micro-batches largest first, each to the micro-batch with the fewest tokens so far,
 so the ranks of a step get about the same number of tokens.
 
-A micro-batch is ``[R, S]`` with every segment (sample sequence or row padding) listed in
-``cu_seqlens`` (int32 over the flattened ``R * S`` tokens, every row boundary a segment boundary)
-and position ids restarting at 0 in each segment.
+A micro-batch (``batch.MicroBatch``) is ``[R, S]`` with every segment (sample sequence or row
+padding) in its packed layout, made here once: cu_seqlens over the flattened ``R * S`` tokens (every
+row boundary a segment boundary), positions restarting at 0 in each segment, next-token targets.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import heapq
 import numpy as np
 import torch
 
-from .templates import IGNORE_INDEX, Unit
+from ..batch import IGNORE_INDEX, MicroBatch, PackedSeqs, Targets, next_token_targets
+from .templates import Unit
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -92,92 +93,57 @@ def plan_window(lengths: list[int], capacity: int, rows_per_micro_batch: int, wo
     return WindowPlan(steps, carry)
 
 
-@dataclasses.dataclass
-class PackedBatch:
-    """One rank's micro-batch.
-
-    input_ids, labels, position_ids: int64 ``[R, S]`` (labels -100 where nothing is trained, labels
-        aligned with input_ids: the loss shifts them).
-    cu_seqlens: int32 ``[K + 1]`` segment boundaries over the flattened ``R * S`` tokens; max_seqlen.
-    pixel_values: float32 ``[N_img, 3, H, W]``, SigLIP-normalised, images in reading order of the
-        image-token runs (a DPO pair's image appears twice, once per sequence).
-    images, image_index: the same without repeats: ``images [U, 3, H, W]`` distinct images (decoded
-        once) and ``image_index`` int64 ``[N_img]``, so that ``pixel_values == images[image_index]``.
-        Feed these to the model to encode each image once.
-    segment_sample: int64 ``[K]`` sample number of each segment, -1 for padding segments.
-    pair_segments: int64 ``[P, 2]`` (chosen, rejected) segment numbers of each DPO pair.
-    sample_ids: source ids of the segments ('' for padding).
-    image_refs: (sample number, tar member) of each entry of pixel_values.
-    epoch: the epoch the micro-batch belongs to (set by the loader).
-    global_samples, global_tokens, global_label_tokens: totals over the micro-batches of all ranks
-        that share this one's loader step (set by the loader from the plan every rank holds), so
-        losses can be normalised over the global batch without communication.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    segment_sample: torch.Tensor
-    pair_segments: torch.Tensor
-    sample_ids: list[str]
-    image_refs: list[tuple[int, str]]
-    pixel_values: torch.Tensor | None = None
-    images: torch.Tensor | None = None
-    image_index: torch.Tensor | None = None
-    num_samples: int = 0
-    num_tokens: int = 0
-    num_label_tokens: int = 0
-    num_padding_tokens: int = 0
-    num_truncated: int = 0
-    epoch: int = 0
-    global_samples: int = 0
-    global_tokens: int = 0
-    global_label_tokens: int = 0
-
-
-def build_micro_batch(rows: list[list[Unit]], seq_len: int, pad_token_id: int) -> PackedBatch:
-    """Lays out rows of units as a PackedBatch (without pixel_values; the loader decodes those)."""
+def build_micro_batch(rows: list[list[Unit]], seq_len: int, pad_token_id: int) -> MicroBatch:
+    """Lays out rows of units as a MicroBatch: ids, the packed layout, next-token targets numbered by
+    sequence (the k-th sample segment is sequence k, so DPO pair p's chosen and rejected responses
+    are sequences 2p and 2p + 1). Images are left empty; the loader decodes them."""
     num_rows = len(rows)
     input_ids = np.full((num_rows, seq_len), pad_token_id, dtype=np.int64)
     labels = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
-    position_ids = np.zeros((num_rows, seq_len), dtype=np.int64)
-    boundaries, segment_sample, sample_ids, pairs, image_refs = [0], [], [], [], []
-    num_samples = num_truncated = 0
+    sequence = np.full((num_rows, seq_len), -1, dtype=np.int64)
+    lengths, segment_sample, sample_ids, pairs, image_refs = [], [], [], [], []
+    num_samples = num_truncated = num_sequences = 0
     for r, units in enumerate(rows):
-        col = 0
+        col, row_lengths = 0, []
         for unit in units:
             num_samples += 1
             num_truncated += unit.truncated
             if unit.is_pair:
                 pairs.append((len(segment_sample), len(segment_sample) + 1))
-            for sequence in unit.sequences:
-                n = len(sequence)
+            for seq in unit.sequences:
+                n = len(seq)
                 if col + n > seq_len:
                     raise ValueError(f"row {r} overflows: sample {unit.sample_id!r} needs {n} tokens at column {col} "
                                      f"of {seq_len}")
-                input_ids[r, col:col + n] = sequence.input_ids
-                labels[r, col:col + n] = sequence.labels
-                position_ids[r, col:col + n] = np.arange(n)
+                if seq.labels[0] != IGNORE_INDEX:
+                    raise ValueError(f"sample {unit.sample_id!r}: its first token carries a label; nothing before "
+                                     f"it can predict it")
+                input_ids[r, col:col + n] = seq.input_ids
+                labels[r, col:col + n] = seq.labels
+                sequence[r, col:col + n] = num_sequences
+                num_sequences += 1
                 col += n
-                boundaries.append(r * seq_len + col)
+                row_lengths.append(n)
                 segment_sample.append(unit.index)
                 sample_ids.append(unit.sample_id)
-                image_refs += [(unit.index, member) for member in unit.image_members[:sequence.num_images]]
+                image_refs += [(unit.index, member) for member in unit.image_members[:seq.num_images]]
         if col < seq_len:  # row padding is a segment of its own
-            position_ids[r, col:] = np.arange(seq_len - col)
-            boundaries.append((r + 1) * seq_len)
+            row_lengths.append(seq_len - col)
             segment_sample.append(-1)
             sample_ids.append("")
-    lengths = np.diff(boundaries)
-    num_padding = int(sum(n for n, s in zip(lengths, segment_sample) if s < 0))
-    return PackedBatch(
+        lengths.append(row_lengths)
+    packed = PackedSeqs.from_lengths(lengths)
+    labels = torch.from_numpy(labels)
+    # Position t predicts token t + 1 of its segment: the target sits one column left of its label.
+    targets = next_token_targets(labels, packed)
+    shifted = torch.full((num_rows, seq_len), -1, dtype=torch.int64)
+    shifted[:, :-1] = torch.from_numpy(sequence[:, 1:])
+    num_padding = sum(n for n, s in zip((n for row in lengths for n in row), segment_sample) if s < 0)
+    return MicroBatch(
         input_ids=torch.from_numpy(input_ids),
-        labels=torch.from_numpy(labels),
-        position_ids=torch.from_numpy(position_ids),
-        cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
-        max_seqlen=int(lengths.max()),
+        packed=packed,
+        targets=Targets.from_dense(targets, shifted, num_sequences),
+        images=torch.zeros(0),
         segment_sample=torch.tensor(segment_sample, dtype=torch.int64),
         pair_segments=torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2),
         sample_ids=sample_ids,

@@ -28,9 +28,9 @@ import os
 
 import numpy as np
 
+from ..batch import IGNORE_INDEX
 from .sources import IMAGE_PLACEHOLDER, ROLES, DataError, image_first
 
-IGNORE_INDEX = -100
 TEMPLATES = ("plain", "qwen2")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 

@@ -1,19 +1,33 @@
-"""A small byte-level BPE tokenizer (Qwen2's family) trained on your own texts, saved as an HF directory.
+"""Tokenizer directories: the files that make one, and a small byte-level BPE trained on your own texts.
 
     train_tokenizer("runs/demo/tokenizer", captions + questions + answers, vocab_size=400)
     AutoTokenizer.from_pretrained("runs/demo/tokenizer")      # what data.tokenizer names
+    copy_tokenizer_files("runs/demo/tokenizer", "runs/demo/out/final")
 
-For runs with no model hub to download a tokenizer from (the demo, the tests). The special tokens are
-Qwen2's names (``<|im_start|>``, ``<|im_end|>`` for the ChatML template, ``<|image_pad|>`` for image
-positions), given the first ids in the order of ``special_tokens``; the real Qwen2.5 tokenizer is
-the one to use for a real run.
+``TOKENIZER_FILES`` are the files of an HF tokenizer directory; every model directory written from
+one (a run's ``final/``, HF exports, imports, transplants) gets a copy of those it has, so that it
+loads on its own.
+
+The trained tokenizer is for runs with no model hub to download one from (the demo, the tests). The
+special tokens are Qwen2's names (``<|im_start|>``, ``<|im_end|>`` for the ChatML template,
+``<|image_pad|>`` for image positions), given the first ids in the order of ``special_tokens``; the
+real Qwen2.5 tokenizer is the one to use for a real run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+# What transformers' save_pretrained writes for a tokenizer (fast and slow vocabularies, legacy maps),
+# and the chat template in both spellings: chat_template.jinja (transformers >= 4.47) and the older
+# chat_template.json that processors write.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Named chat templates besides the default one, one NAME.jinja each.
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<image>")
 # Qwen2's chat template, reduced to messages (the layout of the qwen2 data template).
@@ -50,6 +64,18 @@ def train_tokenizer(directory: str | os.PathLike, corpus: Iterable[str], vocab_s
     directory = Path(directory)
     hf.save_pretrained(directory)
     return directory
+
+
+def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files that ``source`` has (``TOKENIZER_FILES``, ``CHAT_TEMPLATES_DIR/*.jinja``)
+    into the existing directory ``target``. → the copied paths, relative to ``target``."""
+    source, target = Path(source), Path(target)
+    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    names += sorted(str(path.relative_to(source)) for path in (source / CHAT_TEMPLATES_DIR).glob("*.jinja"))
+    for name in names:
+        (target / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(source / name, target / name)
+    return names
 
 
 def special_token_id(directory: str | os.PathLike, token: str = "<|image_pad|>") -> int:

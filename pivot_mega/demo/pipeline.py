@@ -336,18 +336,14 @@ def heldout_answers(checkpoints: dict[str, str], data: DemoData, options: DemoOp
                     if batch.epoch > 0:
                         break
                     hidden = model(batch.input_ids, batch.images, image_index=batch.image_index,
-                                   position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
-                                   max_seqlen=batch.max_seqlen, return_hidden=True).flatten(0, 1)   # [R*S, H]
-                    labels = batch.labels.flatten()
-                    bounds = batch.cu_seqlens.tolist()
-                    for segment, sample_id in enumerate(batch.sample_ids):
-                        if not sample_id:
-                            continue
-                        start, end = bounds[segment], bounds[segment + 1]
-                        labelled = start + torch.nonzero(labels[start:end] != -100).flatten()
-                        position = int(labelled[prefix])  # the digit's token; the one before predicts it
-                        true = digit_tokens.index(int(labels[position]))
-                        logits = hidden[position - 1] @ model.language.head_weight[digit_tokens_t].T
+                                   packed=batch.packed, return_hidden=True).flatten(0, 1)   # [R*S, H]
+                    targets = batch.targets
+                    for sequence in range(targets.num_sequences):
+                        mine = targets.sequence == sequence
+                        # The answer's digit token, and the position that predicts it.
+                        position = int(targets.positions[mine][prefix])
+                        true = digit_tokens.index(int(targets.tokens[mine][prefix]))
+                        logits = hidden[position] @ model.language.head_weight[digit_tokens_t].T
                         confusion[true, int(torch.argmax(logits))] += 1
         finally:
             loader.close()

@@ -1,4 +1,4 @@
-"""``pivot-mega eval probe|saliency`` and ``pivot-mega transplant``: argument parsing and the runs.
+"""``pivot-mega eval probe|saliency``: argument parsing and the runs.
 
 Nothing heavy is imported until a command runs (``--help`` stays fast).
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_helpers import torch_dtype
+
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 
 def register(sub) -> dict:
-    """Adds the ``eval`` and ``transplant`` parsers to ``sub``; → {command: run(args) -> exit code}."""
-    from ..cli import _size
-
+    """Adds the ``eval`` parser to ``sub``; → {"eval": run(args) -> exit code}."""
     evaluate = sub.add_parser("eval", help="vision-encoder probes and gradient saliency maps")
     verbs = evaluate.add_subparsers(dest="verb", required=True)
 
@@ -68,24 +68,7 @@ def register(sub) -> dict:
     _add_run_options(saliency, batch_size=None)
     saliency.add_argument("--out", required=True, metavar="DIR", help="output directory for PNGs and index.json")
 
-    graft = sub.add_parser(
-        "transplant", help="a fresh MLLM around a trained vision encoder (or the encoder alone as SigLIP)",
-        description="The vision tower of --vision-from (bit for bit, with its vision_unused.safetensors), the "
-                    "language model of --llm and a projector initialised from --seed: the start of stage 1a/1b "
-                    "with the ViT frozen. --format siglip writes the encoder alone as a SiglipVisionModel dir.")
-    graft.add_argument("--vision-from", required=True, metavar="CKPT", help="pivot_mega checkpoint (e.g. after DPO)")
-    graft.add_argument("--llm", metavar="HF_DIR|CKPT",
-                       help="Qwen2 / Qwen2.5 HF directory or pivot_mega checkpoint (its language tower)")
-    graft.add_argument("--format", choices=["mllm", "siglip"], default="mllm",
-                       help="mllm: a pivot_mega checkpoint (default); siglip: the encoder alone, HF SiglipVisionModel")
-    graft.add_argument("--seed", type=int, default=0, help="seed of the fresh projector (default 0)")
-    graft.add_argument("--image-token-id", type=int,
-                       help="image token id (default: from the LLM's tokenizer.json or pivot_mega config)")
-    graft.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
-                       help="cast every tensor (needed when the encoder's and the LLM's dtypes differ)")
-    graft.add_argument("--max-shard-size", type=_size, default="5GB")
-    graft.add_argument("--out", required=True, metavar="CKPT|DIR")
-    return {"eval": run_eval, "transplant": run_transplant}
+    return {"eval": run_eval}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, batch_size: int | None) -> None:
@@ -104,11 +87,10 @@ def _add_run_options(parser: argparse.ArgumentParser, batch_size: int | None) ->
 def _device_dtype(args):
     import torch
 
-    from ..cli import DTYPES
-
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
-    return device, dtype
+    if args.dtype != "auto":
+        return device, torch_dtype(args.dtype)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _load(path, device, dtype):
@@ -179,23 +161,3 @@ def _run_saliency(args) -> int:
     print(f"wrote {len(entries)} map(s) to {args.out} (index.json lists them)")
     return 0
 
-
-def run_transplant(args) -> int:
-    from ..cli import DTYPES
-    from ..convert.transplant import TransplantError, transplant, transplant_siglip
-
-    if args.format == "siglip":
-        if args.llm:
-            raise TransplantError("--format siglip writes the encoder alone; --llm has no use there")
-        out = transplant_siglip(args.vision_from, args.out, max_shard_bytes=args.max_shard_size)
-        print(f"wrote {out} (SiglipVisionModel: the encoder of {args.vision_from})")
-        return 0
-    if not args.llm:
-        raise TransplantError("--llm is required: a Qwen2 HF directory or a pivot_mega checkpoint")
-    config = transplant(args.vision_from, args.llm, args.out, seed=args.seed, image_token_id=args.image_token_id,
-                        dtype=DTYPES.get(args.dtype), max_shard_bytes=args.max_shard_size)
-    from ..cli import describe_model
-    print(f"wrote {args.out}: " + describe_model(config, vision=f"the SigLIP encoder of {args.vision_from},",
-                                                 projector=f"fresh mlp2x_gelu (seed {args.seed})",
-                                                 language=f"the Qwen2 of {args.llm},"))
-    return 0

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 GAMMA = 1.1
 OVERLAY_ALPHA = 0.6
 BACKGROUND_BRIGHTNESS = 0.7
@@ -81,48 +80,30 @@ class ImageSaliency:
 # gradients
 
 
-def _segment_of_positions(cu_seqlens: torch.Tensor, num_positions: int) -> torch.Tensor:
-    """``[num_positions]`` segment number of each flattened position (``cu_seqlens [K + 1]``)."""
-    positions = torch.arange(num_positions, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].long(), positions, right=True)
-
-
-def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with input_ids ``[R, S]`` → the label each position predicts, ``[R * S]``.
-
-    Position t predicts token t + 1. A segment's first token is never a target (nothing of its own
-    sample comes before it), so targets never cross a sample or row boundary.
-    """
-    flat = labels.reshape(-1).clone()
-    flat[cu_seqlens[:-1].long()] = IGNORE_INDEX
-    targets = torch.full_like(flat, IGNORE_INDEX)
-    targets[:-1] = flat[1:]
-    return targets
-
-
-def segment_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                     cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each segment's labelled tokens: hidden ``[R, S, H]`` → ``(sums [K],
-    counts [K])`` for the K segments of ``cu_seqlens``."""
+def segment_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each segment's targets: hidden ``[R, S, H]`` → ``(sums [K], counts [K])`` for
+    the K segments of the batch's layout (padding segments: 0)."""
     from ..parallel.loss import token_logprobs
     from ..training.losses import sequence_logprob_sums
 
-    targets = next_token_targets(labels, cu_seqlens)
-    segments = _segment_of_positions(cu_seqlens, targets.numel())
-    token_lp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head_weight, targets)
-    return sequence_logprob_sums(token_lp, segments[targets != IGNORE_INDEX], len(cu_seqlens) - 1)
+    targets = batch.targets.to(hidden.device)
+    token_lp = token_logprobs(hidden, head_weight, targets)
+    sums, counts = sequence_logprob_sums(token_lp, targets.sequence, targets.num_sequences)
+    segments = batch.sequence_segments().to(hidden.device)
+    num_segments = batch.packed.num_segments
+    return (sums.new_zeros(num_segments).index_add(0, segments, sums),
+            counts.new_zeros(num_segments).index_add(0, segments, counts))
 
 
 def _forward_hidden(model, batch, device) -> torch.Tensor:
     # pixel_values has one entry per image-token run (not batch.images + image_index, which encodes a
     # pair's image once): each copy gets its own projector output, so chosen and rejected get their own map.
-    return model(batch.input_ids.to(device), batch.pixel_values.to(device),
-                 position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
-                 max_seqlen=batch.max_seqlen, return_hidden=True)
+    return model(batch.input_ids.to(device), batch.pixel_values.to(device), packed=batch.packed.to(device),
+                 return_hidden=True)
 
 
 def image_token_gradients(model, batch, *, loss: LossName = "sft", reference=None, dpo_config=None):
-    """d(loss)/d(projector output) for every image of a ``PackedBatch``.
+    """d(loss)/d(projector output) for every image of a ``batch.MicroBatch``.
 
     → ``(grads [N_img, T, H_llm] fp32, losses [K] per segment (NaN where no loss), image_segments
     [N_img])``; for ``dpo`` both segments of a pair hold the pair's loss. The summed loss of all
@@ -134,8 +115,8 @@ def image_token_gradients(model, batch, *, loss: LossName = "sft", reference=Non
 
     if loss not in ("sft", "dpo"):
         raise SaliencyError(f"loss {loss!r}: choose sft or dpo")
-    if batch.pixel_values is None:
-        raise SaliencyError("the batch has no pixel_values")
+    if batch.images is None:
+        raise SaliencyError("the batch has no images")
     device = next(model.parameters()).device
     captured = {}
 
@@ -150,10 +131,8 @@ def image_token_gradients(model, batch, *, loss: LossName = "sft", reference=Non
     finally:
         handle.remove()
     features = captured["features"]
-    cu_seqlens = batch.cu_seqlens.to(device)
-    labels = batch.labels.to(device)
     with torch.enable_grad():
-        sums, counts = segment_logprobs(hidden, model.language.head_weight, labels, cu_seqlens)
+        sums, counts = segment_logprobs(hidden, model.language.head_weight, batch)
         losses = torch.full(sums.shape, float("nan"), dtype=torch.float32, device=device)
         if loss == "sft":
             has_labels = counts > 0
@@ -171,8 +150,7 @@ def image_token_gradients(model, batch, *, loss: LossName = "sft", reference=Non
                 with torch.no_grad():
                     ref_device = next(reference.parameters()).device
                     ref_hidden = _forward_hidden(reference, batch, ref_device)
-                    ref_sums, _ = segment_logprobs(ref_hidden, reference.language.head_weight,
-                                                   labels.to(ref_device), cu_seqlens.to(ref_device))
+                    ref_sums, _ = segment_logprobs(ref_hidden, reference.language.head_weight, batch)
                     ref_sums = ref_sums.to(device)
             chosen, rejected = pairs[:, 0], pairs[:, 1]
             empty = (counts[chosen] == 0) | (counts[rejected] == 0)
@@ -198,11 +176,11 @@ def _image_segments(batch, config, tokens_per_image: int) -> torch.Tensor:
         raise SaliencyError(f"input_ids hold {positions.numel()} image tokens for {batch.pixel_values.shape[0]} "
                             f"images of {tokens_per_image} tokens")
     starts = (positions[::tokens_per_image] if positions.numel() else positions).contiguous()
-    return torch.searchsorted(batch.cu_seqlens[1:].long(), starts, right=True)
+    return batch.packed.segment_ids.reshape(-1)[starts]
 
 
 def image_saliency(model, batch, *, loss: LossName = "sft", reference=None, dpo_config=None) -> list[ImageSaliency]:
-    """One :class:`ImageSaliency` per image of ``batch`` (a ``data.PackedBatch``), in pixel_values order."""
+    """One :class:`ImageSaliency` per image run of ``batch`` (a ``batch.MicroBatch``), in pixel_values order."""
     grads, losses, image_segments = image_token_gradients(model, batch, loss=loss, reference=reference,
                                                           dpo_config=dpo_config)
     tokens = grads.shape[1]

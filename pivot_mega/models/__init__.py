@@ -1,6 +1,7 @@
 """Model stack: SigLIP vision tower, mlp2x_gelu projector, Qwen2 decoder, and the MLLM that joins them."""
 
-from .checkpoint_io import CheckpointError, load_model, save_model
+from .checkpoint_files import CheckpointError
+from .checkpoint_io import load_model, save_model
 from .layers import AttentionBackendError, PackedSeqs, available_backends
 from .mllm import ImageTokenMismatchError, VisionLanguageModel
 from .projector import Projector

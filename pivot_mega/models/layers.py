@@ -1,14 +1,14 @@
-"""Shared building blocks: packed-sequence metadata, attention backends, RMSNorm, rotary embeddings.
+"""Shared building blocks: attention backends, RMSNorm, rotary embeddings.
 
 Attention takes q, k, v as ``[B, S, H, D]`` and returns ``[B, S, Hq, D]``. A packed batch holds several
-samples per row; ``PackedSeqs.cu_seqlens`` gives segment boundaries over the flattened ``B * S``
-tokens (flash-attn's varlen convention), and attention never crosses a boundary. Every backend gives
-the same numbers; ``auto`` picks the fastest one this machine has.
+samples per row; its ``batch.PackedSeqs`` says who attends to whom (segments, and shared prefixes),
+and each backend turns that into its own form: SDPA a dense mask, flex_attention a mask function,
+the varlen kernels q/k cu_seqlens. Every backend gives the same numbers; ``auto`` picks the fastest
+one this machine has that can express the layout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -18,75 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch import PackedSeqs
+
 
 class AttentionBackendError(RuntimeError):
     """The requested attention backend cannot run here (not installed, no GPU, unsupported input)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedSeqs:
-    """Segment layout of a packed ``[B, S]`` batch.
-
-    cu_seqlens: int32 ``[num_segments + 1]``, cumulative lengths over the flattened ``B * S`` tokens,
-        starting at 0 and ending at ``B * S``; every row boundary is a segment boundary.
-    max_seqlen: the longest segment (a Python int, so kernels need no device sync).
-    """
-
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-    @staticmethod
-    def from_lengths(lengths: list[list[int]] | list[int], device=None) -> "PackedSeqs":
-        """Builds the layout from per-row segment lengths (rows must be equally long)."""
-        rows = [lengths] if lengths and isinstance(lengths[0], int) else lengths
-        flat = [n for row in rows for n in row]
-        if any(n <= 0 for n in flat):
-            raise ValueError(f"segment lengths must be positive, got {rows}")
-        if len({sum(row) for row in rows}) != 1:
-            raise ValueError(f"rows of a packed batch must have equal length, got {rows}")
-        cu = torch.tensor([0] + flat, dtype=torch.int64).cumsum(0).to(torch.int32)
-        return PackedSeqs(cu_seqlens=cu.to(device) if device is not None else cu, max_seqlen=max(flat))
-
-    @staticmethod
-    def from_position_ids(position_ids: torch.Tensor) -> "PackedSeqs":
-        """Layout of ``[B, S]`` positions that restart at 0 where each sample starts (every row must
-        start a sample); a plain batch (positions 0..S-1 per row) gives one segment per row."""
-        flat = position_ids.reshape(-1)
-        starts = torch.nonzero(flat == 0).flatten()
-        seqlen = position_ids.shape[-1]
-        row_starts = torch.arange(position_ids.shape[0], device=flat.device) * seqlen
-        if not torch.isin(row_starts, starts).all():
-            raise ValueError(f"packed position_ids must start every row at 0 (a new sample); got rows starting "
-                             f"with {position_ids[:, 0].tolist()} ({position_ids.dtype})")
-        end = torch.tensor([flat.numel()], device=flat.device)
-        cu = torch.cat([starts, end]).to(torch.int32)
-        return PackedSeqs(cu_seqlens=cu, max_seqlen=int(cu.diff().max()))
-
-    def validate(self, batch: int, seqlen: int) -> "PackedSeqs":
-        """Checks the layout against a ``[B, S]`` batch (host syncs: call once per forward, not per layer)."""
-        total = batch * seqlen
-        cu = self.cu_seqlens.to(torch.int64)
-        if cu[0].item() != 0 or cu[-1].item() != total:
-            raise ValueError(f"cu_seqlens must run from 0 to B*S={total}, got {cu.tolist()}")
-        if (cu.diff() <= 0).any():
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
-        row_ends = torch.arange(1, batch + 1, device=cu.device) * seqlen
-        if not torch.isin(row_ends, cu).all():
-            raise ValueError(f"a segment crosses a row boundary: cu_seqlens {cu.tolist()}, row length {seqlen}")
-        return self
-
-    def segment_ids(self, batch: int, seqlen: int) -> torch.Tensor:
-        """``[B, S]`` index of the segment each token belongs to (tensor ops only: no host sync, so
-        compiled blocks need no graph break)."""
-        tokens = torch.arange(batch * seqlen, device=self.cu_seqlens.device)
-        ends = self.cu_seqlens[1:].to(torch.int64)
-        return torch.searchsorted(ends, tokens, right=True).view(batch, seqlen)
-
-    def position_ids(self, batch: int, seqlen: int) -> torch.Tensor:
-        """``[B, S]`` positions restarting at 0 in every segment."""
-        ids = self.segment_ids(batch, seqlen).flatten()
-        starts = self.cu_seqlens.to(torch.int64)[:-1]
-        return (torch.arange(batch * seqlen, device=ids.device) - starts[ids]).view(batch, seqlen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,8 +72,16 @@ def available_backends(device: torch.device | str) -> list[str]:
     return names
 
 
-def resolve_backend(requested: str, device: torch.device | str, packed: bool, dtype: torch.dtype) -> str:
-    """Maps ``requested`` (``auto`` or a name) to a backend that can run, or raises with the reason."""
+# Backends whose kernels take one cu_seqlens for queries and keys: a segment's keys must be its own tokens.
+SEGMENTS_ONLY = ("flash_attn", "varlen", "te")
+
+
+def resolve_backend(requested: str, device: torch.device | str, packed: bool, dtype: torch.dtype,
+                    prefixes: bool = False) -> str:
+    """Maps ``requested`` (``auto`` or a name) to a backend that can run, or raises with the reason.
+
+    ``packed``: the batch has a packed layout; ``prefixes``: some segment attends to a shared prefix.
+    """
     device = torch.device(device)
     available = available_backends(device)
     if requested == "auto":
@@ -146,8 +90,13 @@ def resolve_backend(requested: str, device: torch.device | str, packed: bool, dt
         for name in available:
             if name in ("flash_attn", "te") and dtype not in (torch.float16, torch.bfloat16):
                 continue
+            if prefixes and name in SEGMENTS_ONLY:
+                continue
             return name
         return "sdpa"
+    if prefixes and requested in SEGMENTS_ONLY:
+        raise AttentionBackendError(f"attention backend {requested!r} takes one cu_seqlens for queries and keys, "
+                                    f"so it cannot express a shared prefix; use sdpa or flex (or auto)")
     if requested not in available:
         reason = {
             "flash_attn": "needs CUDA and the flash-attn package",
@@ -166,7 +115,8 @@ def resolve_backend(requested: str, device: torch.device | str, packed: bool, dt
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               packed: PackedSeqs | None = None, backend: str = "auto") -> torch.Tensor:
     """Multi-head attention with GQA; q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` → ``[B, S, Hq, D]``."""
-    name = resolve_backend(backend, q.device, packed is not None, q.dtype)
+    prefixes = packed is not None and packed.has_prefixes
+    name = resolve_backend(backend, q.device, packed is not None, q.dtype, prefixes)
     return _BACKENDS[name](q, k, v, causal, packed)
 
 
@@ -181,11 +131,7 @@ def _sdpa(q, k, v, causal, packed):
     if packed is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
-        seg = packed.segment_ids(batch, seqlen)
-        mask = seg[:, :, None] == seg[:, None, :]
-        if causal:
-            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.attends(causal)[:, None])
     return out.transpose(1, 2)
 
 
@@ -193,13 +139,11 @@ def _flex(q, k, v, causal, packed):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, seqlen = q.shape[:2]
-    seg = packed.segment_ids(batch, seqlen) if packed is not None else None
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = q_idx >= kv_idx if causal else q_idx == q_idx
-        if seg is not None:
-            keep = keep & (seg[b, q_idx] == seg[b, kv_idx])
-        return keep
+    if packed is not None:
+        mask_mod = packed.mask_mod(causal)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx if causal else q_idx == q_idx
 
     block_mask = create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=q.device)
     groups = q.shape[2] // k.shape[2]
@@ -225,9 +169,11 @@ def _varlen_params() -> set[str]:
 
 
 def _flat_layout(q, packed):
+    """(cu_seqlens, max_seqlen) of the varlen kernels: queries and keys share the segments."""
     batch, seqlen = q.shape[:2]
     if packed is None:
-        packed = PackedSeqs.from_lengths([[seqlen]] * batch, device=q.device)
+        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=q.device)
+        return cu, seqlen
     return packed.cu_seqlens.to(device=q.device, dtype=torch.int32), packed.max_seqlen
 
 
@@ -290,13 +236,10 @@ def reference_attention(q, k, v, *, causal: bool, packed: PackedSeqs | None = No
     batch, seqlen, heads, dim = q.shape
     groups = heads // k.shape[2]
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    seg = packed.segment_ids(batch, seqlen) if packed is not None else torch.zeros(
-        batch, seqlen, dtype=torch.long, device=q.device)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim)
-    mask = seg[:, None, :, None] == seg[:, None, None, :]
-    if causal:
-        mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if packed is None:
+        packed = PackedSeqs.from_lengths([[seqlen]] * batch, device=q.device)
+    scores = scores.masked_fill(~packed.attends(causal)[:, None], float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
 
@@ -336,10 +279,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x32 = x.float()
     x1, x2 = x32.chunk(2, dim=-1)
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-
-def maybe_checkpoint(layer: nn.Module, index: int, enabled: bool, every: int, *args):
-    """Runs ``layer(*args)``, recomputing its activations in backward when enabled for this index."""
-    if enabled and index % every == 0 and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-    return layer(*args)

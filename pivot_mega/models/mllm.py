@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..profiling import nvtx_range
-from .layers import PackedSeqs
+from ..batch import PackedSeqs
 from .projector import Projector
 from .qwen2 import Qwen2LanguageModel
 from .siglip import SiglipVisionTower
@@ -31,12 +31,9 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        runtime = dict(attention_backend=config.attention,
-                       activation_checkpointing=config.activation_checkpointing,
-                       checkpoint_every=config.checkpoint_every)
-        self.vision = SiglipVisionTower(config.vision, **runtime)
+        self.vision = SiglipVisionTower(config.vision, attention_backend=config.attention)
         self.projector = Projector(config.projector, config.vision.hidden_size, config.language.hidden_size)
-        self.language = Qwen2LanguageModel(config.language, **runtime)
+        self.language = Qwen2LanguageModel(config.language, attention_backend=config.attention)
 
     # ------------------------------------------------------------------------------------------
     # forward pieces (pipeline stages call these separately)
@@ -59,27 +56,29 @@ class VisionLanguageModel(nn.Module):
         """Token embeddings ``[B, S, H]`` with image features written over the image-token positions."""
         return embed_with_images(self.language.embed_tokens, input_ids, image_features, self.config)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, image_index: torch.Tensor | None = None,
+    def forward(self, inputs: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                packed: PackedSeqs | None = None, image_index: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """input_ids ``[B, S]`` (each image's placeholder expanded to ``num_image_tokens`` copies of
         ``image_token_id``), pixel_values ``[N_img, 3, H, W]`` → logits ``[B, S, V]`` (or the
         final-normed hidden states ``[B, S, H]`` with ``return_hidden``).
 
-        Packed rows: ``cu_seqlens`` (int32 ``[num_segments + 1]`` over the flattened ``B * S`` tokens)
-        keeps attention inside each sample; positions restart per sample unless ``position_ids``
-        is given. ``image_index``: see :meth:`encode_images`.
+        ``packed``: the layout of packed rows (who attends to whom, positions), as the loader made it;
+        None: one causal sequence per row. ``image_index``: see :meth:`encode_images`.
+
+        A pipeline stage is this model with the parts it does not hold set to None: a later stage
+        gets the previous stage's hidden states (floating point) as ``inputs`` and passes them on
+        through its layers; only the stage with the final norm normalises, and ``return_hidden``
+        is implied where there is no head.
         """
-        packed = None
-        if cu_seqlens is not None:
-            if max_seqlen is None:
-                max_seqlen = int(cu_seqlens.diff().max())
-            packed = PackedSeqs(cu_seqlens, max_seqlen).validate(*input_ids.shape)
-        features = self.encode_images(pixel_values, image_index) if pixel_values is not None else None
+        if inputs.is_floating_point():
+            hidden = inputs
+        else:
+            features = self.encode_images(pixel_values, image_index) if pixel_values is not None else None
+            hidden = self.embed(inputs, features)
         with nvtx_range("llm_forward"):
-            hidden = self.language.forward_hidden(self.embed(input_ids, features), position_ids, packed)
-        return hidden if return_hidden else self.language.logits(hidden)
+            hidden = self.language.forward_hidden(hidden, packed)
+        return hidden if return_hidden or self.language.norm is None else self.language.logits(hidden)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -87,10 +86,14 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", **config_overrides) -> "VisionLanguageModel":
-        """Loads a pivot_mega checkpoint directory (``pivot-mega convert import-hf`` writes one)."""
-        from .checkpoint_io import load_model
+        """Loads a pivot_mega checkpoint directory (``pivot-mega convert import-hf`` writes one).
 
-        return load_model(path, dtype=dtype, device=device, **config_overrides)
+        ``dtype=None`` keeps the stored dtype; ``config_overrides`` set run-time fields (``attention``...).
+        """
+        # checkpoint_files knows no model class (it is given this one), so it never imports this module.
+        from .checkpoint_files import build_model
+
+        return build_model(cls, path, dtype=dtype, device=device, **config_overrides)
 
     def init_weights(self, seed: int = 0) -> "VisionLanguageModel":
         """Random init; see ``init_parameters``."""

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
-from .layers import PackedSeqs, RMSNorm, apply_rope, attention, maybe_checkpoint, rope_cos_sin
+from ..batch import PackedSeqs
+from .layers import RMSNorm, apply_rope, attention, rope_cos_sin
 
 
 class Qwen2Attention(nn.Module):
@@ -66,8 +67,7 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2LanguageModel(nn.Module):
-    def __init__(self, config: LanguageConfig, *, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, checkpoint_every: int = 1):
+    def __init__(self, config: LanguageConfig, *, attention_backend: str = "auto"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -77,44 +77,28 @@ class Qwen2LanguageModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
-        self.activation_checkpointing = activation_checkpointing
-        self.checkpoint_every = checkpoint_every
 
     @property
     def head_weight(self) -> torch.Tensor:
         """``[V, H]`` output projection (the embedding table when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       packed: PackedSeqs | None = None) -> torch.Tensor:
-        """inputs_embeds ``[B, S, H]`` → final-normed hidden states ``[B, S, H]``.
-
-        Without ``position_ids`` positions count from 0 in each row, or in each segment if packed.
-        """
-        batch, seqlen, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = (packed.position_ids(batch, seqlen) if packed is not None else
-                            torch.arange(seqlen, device=inputs_embeds.device).expand(batch, seqlen))
-        cos, sin = self.rope(position_ids)
-        x = self.forward_layers(inputs_embeds, cos, sin, packed)
-        return self.norm(x)
-
-    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-
-    def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       packed: PackedSeqs | None) -> torch.Tensor:
-        """Runs the decoder layers this module holds (all of them, or a pipeline stage's share)."""
+    def forward_hidden(self, hidden: torch.Tensor, packed: PackedSeqs | None = None) -> torch.Tensor:
+        """Token embeddings ``[B, S, H]`` (or, on a later pipeline stage, the hidden states before this
+        stage's layers) → the hidden states after the layers this module holds, final-normed when it
+        holds the norm. Positions come from ``packed``, or count from 0 in each row."""
+        batch, seqlen, _ = hidden.shape
+        positions = packed.position_ids if packed is not None else \
+            torch.arange(seqlen, device=hidden.device).expand(batch, seqlen)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for key, layer in self.layers.items():
-            x = maybe_checkpoint(layer, int(key), self.activation_checkpointing, self.checkpoint_every,
-                                 x, cos, sin, packed)
-        return x
+            hidden = layer(hidden, cos, sin, packed)
+        return self.norm(hidden) if self.norm is not None else hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[..., H]`` → logits ``[..., V]``."""
         return F.linear(hidden, self.head_weight)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                packed: PackedSeqs | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, packed: PackedSeqs | None = None) -> torch.Tensor:
         """Text-only forward: input_ids ``[B, S]`` → logits ``[B, S, V]``."""
-        return self.logits(self.forward_hidden(self.embed_tokens(input_ids), position_ids, packed))
+        return self.logits(self.forward_hidden(self.embed_tokens(input_ids), packed))

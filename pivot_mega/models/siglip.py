@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import attention, maybe_checkpoint
+from .layers import attention
 
 
 class SiglipEmbeddings(nn.Module):
@@ -96,19 +96,16 @@ class SiglipEncoderLayer(nn.Module):
 
 
 class SiglipVisionTower(nn.Module):
-    def __init__(self, config: VisionConfig, *, attention_backend: str = "auto",
-                 activation_checkpointing: bool = False, checkpoint_every: int = 1):
+    def __init__(self, config: VisionConfig, *, attention_backend: str = "auto"):
         super().__init__()
         self.config = config
         self.embeddings = SiglipEmbeddings(config)
         self.layers = nn.ModuleList(
             SiglipEncoderLayer(config, attention_backend) for _ in range(config.num_layers_built))
-        self.activation_checkpointing = activation_checkpointing
-        self.checkpoint_every = checkpoint_every
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values ``[N, C, H, W]`` (SigLIP-normalised) → features ``[N, num_patches, D]``."""
         x = self.embeddings(pixel_values)
-        for i, layer in enumerate(self.layers):
-            x = maybe_checkpoint(layer, i, self.activation_checkpointing, self.checkpoint_every, x)
+        for layer in self.layers:
+            x = layer(x)
         return x

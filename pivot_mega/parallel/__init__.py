@@ -3,8 +3,8 @@
     dims = build_mesh(parallel_config, model_config)          # checks the layout first
     with torch.device("meta"):
         model = VisionLanguageModel(model_config)
-    pmodel = parallelize(model, dims, seed=0)                 # TP -> AC/compile -> FSDP -> materialise
-    loss = pmodel.forward_backward(microbatches, loss_fn)     # 1F1B etc. when pipelined
+    pmodel = parallelize(model, dims, seed=0)                 # PP split -> AC -> TP -> compile -> FSDP -> materialise
+    out = pmodel.forward_backward(microbatches, loss_fn)      # 1F1B etc. when pipelined; out.loss
 
 The model stays a plain nn.Module; everything here is applied from outside (torchtitan's split).
 """
@@ -16,50 +16,53 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..models.layers import PackedSeqs
-from ..profiling import nvtx_range
+from ..batch import IGNORE_INDEX, MicroBatch
 from ..models.mllm import VisionLanguageModel, initial_value
+from ..profiling import nvtx_range
 from .config import Layout, ParallelConfig, resolve_layout, stage_layer_ranges
 from .data_parallel import apply_fsdp
-from .loss import IGNORE_INDEX, head_shard, lm_loss, token_logprobs
+from .loss import global_scale, head_shard, lm_loss, token_logprobs
 from .mesh import LaunchEnv, ParallelDims, build_mesh, detect_launch, init_distributed
-from .pipeline import ImagesByRow, StageModel, TiedEmbeddingSync, build_schedule, run_schedule, split_stages
+from .pipeline import PipelineStageModule, StageBatches, TiedEmbeddingSync, build_schedule, run_schedule, split_stages
 from .tensor_parallel import apply_tensor_parallel
 
 __all__ = [
-    "IGNORE_INDEX", "LaunchEnv", "Layout", "MicroBatch", "ParallelConfig", "ParallelDims", "ParallelModel",
-    "build_mesh", "copy_full_value", "detect_launch", "head_shard", "init_distributed", "lm_loss", "parallelize", "resolve_layout",
+    "IGNORE_INDEX", "LaunchEnv", "Layout", "MicroBatch", "ParallelConfig", "ParallelDims", "ParallelModel", "StepOutputs",
+    "build_mesh", "copy_full_value", "detect_launch", "global_scale", "head_shard", "init_distributed", "lm_loss", "parallelize", "resolve_layout",
     "stage_layer_ranges", "token_logprobs",
 ]
 
 
 @dataclasses.dataclass
-class MicroBatch:
-    """One micro-batch: packed rows ``[b, S]`` with per-sample positions, its images, its targets.
+class StepOutputs:
+    """What ``forward_backward`` / ``forward_only`` return.
 
-    ``labels`` is what the loss function reads: usually ``[b, S]`` token ids (IGNORE_INDEX where there
-    is nothing to predict), or any tensor whose first dim is the rows (the DPO step stacks labels and
-    sequence numbers as ``[b, S, 2]``); pipelining splits it by rows with the rest of the batch.
-    ``image_index``: see ``VisionLanguageModel.encode_images`` (None: one image per image-token run).
+    loss: the summed losses of the micro-batches (on every rank; zero for ``forward_only``).
+    outputs: the loss function's second return value (or its value, for ``forward_only``) per
+        micro-batch, in micro-batch order, on the ranks that compute losses (see ``holds_loss``);
+        empty elsewhere. The caller adds them up.
     """
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    pixel_values: torch.Tensor  # [N_img, 3, H, W]; N_img may be 0
-    labels: torch.Tensor        # [b, S] or [b, S, ...]
-    image_index: torch.Tensor | None = None
+    loss: torch.Tensor
+    outputs: list
 
 
 class ParallelModel:
-    """The parallelised model of this rank: one module, or its pipeline stages and their schedule."""
+    """The parallelised model of this rank: one module, or its pipeline stages and their schedule.
 
-    def __init__(self, modules: list[nn.Module], dims: ParallelDims, schedule_builder=None, tied_sync=None):
-        self.modules, self.dims = modules, dims
+    ``modules`` are VisionLanguageModels (the whole model, or this rank's stage shares, with the
+    whole model's parameter names); ``stages`` their pipeline wrappers when pipelined.
+    """
+
+    def __init__(self, modules: list[nn.Module], dims: ParallelDims, stages: list[PipelineStageModule] = (),
+                 schedule_builder=None, tied_sync=None):
+        self.modules, self.dims, self.stages = modules, dims, list(stages)
         self._schedule_builder, self._tied_sync = schedule_builder, tied_sync
         self._schedules: dict = {}
-        self._loss_fn = None  # the function of the call in progress; cached schedules call it
+        self._loss_fn = None  # the call in progress: cached schedules call it
 
     def named_parameters(self):
         for module in self.modules:
@@ -73,83 +76,101 @@ class ParallelModel:
             module.train(mode)
         return self
 
-    def head_weight(self, module: nn.Module) -> torch.Tensor:
+    @staticmethod
+    def head_weight(module: nn.Module) -> torch.Tensor:
         return module.language.head_weight
 
     @property
     def holds_loss(self) -> bool:
         """Whether this rank computes losses (every rank without pipelining; the last stage with)."""
-        return self.dims.layout.pp == 1 or any(getattr(m, "last", False) for m in self.modules)
+        return self.dims.layout.pp == 1 or any(stage.last for stage in self.stages)
 
-    def forward_backward(self, microbatches: list[MicroBatch], loss_fn) -> torch.Tensor:
-        """Forward and backward over the micro-batches, gradients accumulated; → summed loss (all ranks).
+    def tied_head_copies(self) -> list[torch.Tensor]:
+        """The last pipeline stage's copy of a tied embedding (its gradient duplicates stage 0's)."""
+        return [stage.model.language.embed_tokens.weight for stage in self.stages
+                if stage.last and not stage.first and stage.model.language.embed_tokens is not None]
 
-        ``loss_fn(hidden [b, S, H], head_weight, labels) -> scalar`` must already be normalised over
-        the global batch (``lm_loss`` is). It runs where the loss is computed (see ``holds_loss``),
-        once per micro-batch, in micro-batch order.
+    def forward_backward(self, microbatches: list[MicroBatch], loss_fn) -> StepOutputs:
+        """Forward and backward over the micro-batches, gradients accumulated.
+
+        ``loss_fn(hidden [b, S, H], head_weight, microbatch)`` returns the loss (a scalar, already
+        normalised over the global batch, as ``lm_loss`` is) or ``(loss, output)``. It runs where
+        the loss is computed (see ``holds_loss``), once per micro-batch.
         """
         if self.dims.layout.pp == 1:
             model = self.modules[0]
             total = torch.zeros((), device=microbatches[0].input_ids.device)
+            outputs = []
             for i, mb in enumerate(microbatches):
                 if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last one
                     model.set_requires_gradient_sync(i == len(microbatches) - 1)
-                loss = loss_fn(self._hidden(model, mb), self.head_weight(model), mb.labels)
+                loss, output = _split_loss(loss_fn(self._hidden(model, mb), self.head_weight(model), mb))
                 with nvtx_range("backward"):
                     loss.backward()
                 total += loss.detach()
-            return total
-        losses = self._pipelined(microbatches, loss_fn, train=True)
+                outputs.append(output)
+            return StepOutputs(total, outputs if _any_output(outputs) else [])
+        losses, outputs = self._pipelined(microbatches, loss_fn, train=True)
         self._tied_sync()
-        total = torch.stack([l.detach() for l in losses]).sum() if losses else \
-            torch.zeros((), device=microbatches[0].input_ids.device)
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=microbatches[0].input_ids.device)
         dist.all_reduce(total, group=self.dims.pp_group)  # only the last stage holds losses
-        return total
+        return StepOutputs(total, outputs if _any_output(outputs) else [])
 
     @torch.no_grad()
-    def forward_only(self, microbatches: list[MicroBatch], output_fn) -> list:
-        """Forward without gradients (a frozen reference model): → ``output_fn(hidden, head_weight,
-        labels)`` per micro-batch where ``holds_loss``, else []. ``output_fn`` may return any tensor."""
+    def forward_only(self, microbatches: list[MicroBatch], output_fn) -> StepOutputs:
+        """Forward without gradients (a frozen reference model): ``output_fn(hidden, head_weight,
+        microbatch)`` per micro-batch where ``holds_loss``; it may return any tensor."""
         if self.dims.layout.pp == 1:
             model = self.modules[0]
-            return [output_fn(self._hidden(model, mb), self.head_weight(model), mb.labels) for mb in microbatches]
-        return self._pipelined(microbatches, output_fn, train=False)
+            outputs = [output_fn(self._hidden(model, mb), self.head_weight(model), mb) for mb in microbatches]
+        else:
+            outputs, _ = self._pipelined(microbatches, lambda *a: (output_fn(*a), None), train=False)
+        return StepOutputs(torch.zeros(()), outputs)
 
     @staticmethod
     def _hidden(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-        packed = PackedSeqs.from_position_ids(mb.position_ids)
-        return model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
-                     max_seqlen=packed.max_seqlen, image_index=mb.image_index, return_hidden=True)
+        return model(mb.input_ids, mb.images, packed=mb.packed, image_index=mb.image_index, return_hidden=True)
 
-    def _pipelined(self, microbatches: list[MicroBatch], loss_fn, *, train: bool) -> list:
-        last = next((m for m in self.modules if m.last), None)
-        batch, seqlen = microbatches[0].input_ids.shape
-        if any(mb.input_ids.shape != (batch, seqlen) for mb in microbatches):
+    def _pipelined(self, microbatches: list[MicroBatch], loss_fn, *, train: bool) -> tuple[list, list]:
+        """→ (losses, outputs) of the micro-batches on the last stage, in micro-batch order."""
+        last = next((stage.model for stage in self.stages if stage.last), None)
+        batch, seqlen = microbatches[0].shape
+        if any(mb.shape != (batch, seqlen) for mb in microbatches):
             raise ValueError("pipeline parallelism needs micro-batches of equal shape, got "
-                             f"{[tuple(mb.input_ids.shape) for mb in microbatches]}")
+                             f"{[mb.shape for mb in microbatches]}")
         key = (len(microbatches), batch, seqlen)
         if key not in self._schedules:
-            self._schedules[key] = self._schedule_builder(
-                len(microbatches), batch, seqlen,
-                lambda output, labels: self._loss_fn(output, self.head_weight(last), labels))
-        config = self.modules[0].config
-        images = []
-        for mb in microbatches:
-            runs = ((mb.input_ids == config.image_token_id).sum(1) // config.num_image_tokens).tolist()
-            images.append(ImagesByRow.from_batch(mb.pixel_values, mb.image_index, runs))
-        images = ImagesByRow([x for i in images for x in i.per_row], [x for i in images for x in i.index_per_row])
-        self._loss_fn = loss_fn
+            self._schedules[key] = self._schedule_builder(len(microbatches), batch, seqlen,
+                                                          lambda output, rows: self._loss_fn(output, rows))
+        table = StageBatches(microbatches)
+        results: dict[int, tuple] = {}
+
+        def stage_loss(hidden, rows):
+            index = table.index_of(rows)
+            loss, output = _split_loss(loss_fn(hidden, self.head_weight(last), microbatches[index]))
+            results[index] = (loss.detach() if isinstance(loss, torch.Tensor) else loss, output)
+            return loss
+
+        self._loss_fn = stage_loss
         try:
-            return run_schedule(self._schedules[key], self.modules, torch.cat([mb.input_ids for mb in microbatches]),
-                                torch.cat([mb.position_ids for mb in microbatches]), images,
-                                torch.cat([mb.labels for mb in microbatches]), train=train)
+            run_schedule(self._schedules[key], self.stages, microbatches, train=train)
         finally:
             self._loss_fn = None
+        ordered = [results[i] for i in sorted(results)]
+        return [loss for loss, _ in ordered], [output for _, output in ordered]
+
+
+def _split_loss(value) -> tuple:
+    return value if isinstance(value, tuple) else (value, None)
+
+
+def _any_output(outputs: list) -> bool:
+    return any(output is not None for output in outputs)
 
 
 def parallelize(model: VisionLanguageModel, dims: ParallelDims, *, seed: int | None = 0,
                 device: torch.device | str | None = None) -> ParallelModel:
-    """Applies PP split → TP/SP → activation checkpointing / compile → FSDP, then materialises.
+    """Applies PP split → activation checkpointing → TP/SP → compile → FSDP, then materialises.
 
     ``model`` should be on the meta device. With ``seed`` every parameter gets the value a single
     process would give it (seeded by name), whatever the layout; with ``seed=None`` parameters are
@@ -157,16 +178,20 @@ def parallelize(model: VisionLanguageModel, dims: ParallelDims, *, seed: int | N
     """
     device = torch.device(device or ("cuda" if dims.device_type == "cuda" else "cpu"))
     config = dims.config
-    modules: list[nn.Module] = split_stages(model, dims) if dims.layout.pp > 1 else [model]
-    for module in modules:
+    stages = split_stages(model, dims) if dims.layout.pp > 1 else []
+    modules: list[nn.Module] = [stage.model for stage in stages] or [model]
+    for module, root in zip(modules, stages or [None]):
+        if model.config.activation_checkpointing:
+            apply_activation_checkpointing(module, model.config.checkpoint_every)
         if dims.layout.tp > 1:
-            first = module.first_layer if isinstance(module, StageModel) else "0"
+            # The first decoder layer that receives the (replicated) embeddings, on the stage that embeds.
+            first = next(iter(module.language.layers), None) if module.vision is not None else None
             apply_tensor_parallel(module, dims.tp_mesh, sequence_parallel=config.sequence_parallel,
                                   first_layer=first)
         if config.compile:
             _compile_blocks(module)
         if dims.layout.dp > 1:
-            apply_fsdp(module, dims)
+            apply_fsdp(module, dims, root=root)
         module.to_empty(device=device)
         if seed is not None:
             materialize(module, seed)
@@ -178,11 +203,28 @@ def parallelize(model: VisionLanguageModel, dims: ParallelDims, *, seed: int | N
     def schedule_builder(n_microbatches, batch, seqlen, loss_fn):
         dims.config = dataclasses.replace(config, microbatches=n_microbatches)
         try:
-            return build_schedule(modules, dims, loss_fn, device, batch=batch, seqlen=seqlen,
+            return build_schedule(stages, dims, loss_fn, device, batch=batch, seqlen=seqlen,
                                   dtype=activation_dtype)
         finally:
             dims.config = config
-    return ParallelModel(modules, dims, schedule_builder, TiedEmbeddingSync(modules, dims))
+    return ParallelModel(modules, dims, stages, schedule_builder, TiedEmbeddingSync(stages, dims))
+
+
+def apply_activation_checkpointing(module: nn.Module, every: int) -> None:
+    """Recomputes in backward the activations of every ``every``-th SigLIP and Qwen2 block (counted in
+    the whole model: a pipeline stage's decoder layers keep their keys); nothing when grad is disabled.
+
+    torch's composable ``checkpoint`` works through forward hooks, so parameter names (they seed the
+    init and key the checkpoints) stay as they are. Apply it before TP and FSDP, so that their hooks
+    run inside the checkpointed region and the recompute starts from the block's own inputs (applied
+    after TP, it would re-shard the first layer's already sequence-sharded input).
+    """
+    blocks = [(int(key), block) for key, block in module.language.layers.items()]
+    if getattr(module, "vision", None) is not None:
+        blocks += list(enumerate(module.vision.layers))
+    for index, block in blocks:
+        if index % every == 0:
+            composable_checkpoint(block)
 
 
 def _compile_blocks(module: nn.Module) -> None:

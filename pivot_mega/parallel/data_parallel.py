@@ -25,8 +25,10 @@ def mixed_precision_policy(mode: str, device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims) -> None:
-    """Shards every SigLIP and Qwen2 block, then the rest (embeddings, projector, norm, head) at the root."""
+def apply_fsdp(model: nn.Module, dims: ParallelDims, root: nn.Module | None = None) -> None:
+    """Shards every SigLIP and Qwen2 block, then the rest (embeddings, projector, norm, head) at the root:
+    ``model``, or ``root`` holding it (a pipeline stage, so the schedule sees an FSDP module and
+    reduces gradients once per step)."""
     config = dims.config
     kwargs = dict(mesh=dims.dp_mesh, mp_policy=mixed_precision_policy(config.mixed_precision, dims.device_type))
     blocks = []
@@ -36,4 +38,4 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims) -> None:
     for block in blocks:
         fully_shard(block, reshard_after_forward=config.reshard_after_forward, **kwargs)
     # The root's parameters are needed again at once in backward; keeping them gathered saves a round.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model if root is None else root, reshard_after_forward=False, **kwargs)

@@ -17,8 +17,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                PrepareModuleOutput, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from kernels.linear_logprob import sum_grad_over_group
-
+from ..kernels.linear_logprob import sum_grad_over_group
 from ..models.mllm import VisionLanguageModel
 
 

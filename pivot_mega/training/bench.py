@@ -25,19 +25,18 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, load_model_config
 from ..data.packing import build_micro_batch
-from ..data.templates import IGNORE_INDEX, Sequence, Unit
+from ..batch import IGNORE_INDEX
+from ..data.templates import Sequence, Unit
 from ..models.mllm import VisionLanguageModel
-from ..models.precision import PrecisionConfig, apply_precision, check_precision
 from ..parallel import ParallelConfig, build_mesh, parallelize
+from ..precision import PrecisionConfig, apply_precision, check_precision
+from ..presets import MODEL_PRESETS, model_preset_path
 from ..profiling import peak_tflops
 from .losses import DPOConfig, dpo_loss
 from .optim import OptimConfig, apply_trainable, build_optimizer
 from .optim import PIVOT_STAGE_DEFAULTS
+from .reference import OnlineReference, PrecomputedReference
 from .steps import StepRunner, data_flops
-
-CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
-PRESETS = {"tiny": "model_tiny.yaml", "small": "model_small.yaml", "pivot-1.5b": "model_pivot_so400m_qwen2.5_1.5b.yaml",
-           "pivot-7b": "model_pivot_so400m_qwen2.5_7b.yaml"}
 
 
 @dataclasses.dataclass
@@ -61,24 +60,15 @@ class BenchOptions:
 
 
 def model_config_for(preset: str, overrides: list[str] = ()) -> ModelConfig:
-    path = CONFIGS / PRESETS[preset] if preset in PRESETS else Path(preset)
+    path = model_preset_path(preset) if preset in MODEL_PRESETS else Path(preset)
     if not path.is_file():
-        raise FileNotFoundError(f"bench preset {preset!r}: neither one of {sorted(PRESETS)} nor a model config file")
+        raise FileNotFoundError(f"bench preset {preset!r}: neither one of {sorted(MODEL_PRESETS)} "
+                                f"nor a model config file")
     return load_model_config(path, list(overrides))
 
 
-class _FixedReference:
-    """Precomputed reference log-probs, as the trainer reads them from the file: here fixed values."""
-
-    def __init__(self, values: dict[str, list[float]]):
-        self.values = values
-
-    def lookup(self, ids: list[str], device: torch.device) -> torch.Tensor:
-        return torch.tensor([v for i in ids for v in self.values[i]], dtype=torch.float32, device=device)
-
-
 def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.random.Generator) -> list:
-    """The step's PackedBatches (images decoded already: random SigLIP-range pixels)."""
+    """The step's MicroBatches (images decoded already: random SigLIP-range pixels)."""
     tokens = config.num_image_tokens
     seq_len = options.seq_len or 4 * tokens
     pair = options.stage == "dpo"
@@ -127,7 +117,6 @@ def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.
         size = config.vision.image_size
         batch.images = torch.from_numpy(generator.uniform(-1, 1, (len(distinct), 3, size, size)).astype(np.float32))
         batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
-        batch.pixel_values = batch.images[batch.image_index]
         batch.global_samples, batch.global_tokens = batch.num_samples, batch.num_tokens
         batch.global_label_tokens = batch.num_label_tokens
         batches.append(batch)
@@ -138,24 +127,22 @@ def naive_dpo_step(policy: VisionLanguageModel, reference: VisionLanguageModel, 
                    autocast) -> torch.Tensor:
     """The DPO step written plainly: full logits, log_softmax everywhere, each sequence encodes its image,
     the reference model runs its forward. Gradients accumulate in ``policy``; → the mean loss."""
-    num_pairs = sum(len(b.pair_segments) for b in batches)
+    num_pairs = sum(b.num_pairs for b in batches)
     total = torch.zeros(())
     device = next(policy.parameters()).device
     for batch in batches:
+        packed = batch.packed.to(device)
+        # Dense [R, S] next-token targets (IGNORE_INDEX: none) and the segment of each position.
+        targets = batch.targets.dense(batch.shape).to(device)
+        segments = packed.segment_ids.reshape(-1)
+
         def sums(model):
-            logits = model(batch.input_ids.to(device), batch.pixel_values.to(device),
-                           position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
-                           max_seqlen=batch.max_seqlen).float()
-            logprobs = F.log_softmax(logits[:, :-1], dim=-1)
-            labels = batch.labels[:, 1:].to(device)
-            mask = labels != IGNORE_INDEX
-            token = torch.gather(logprobs, -1, labels.clamp(min=0)[..., None])[..., 0] * mask
-            flat = token.reshape(-1)
-            # sequence of each position (by segment), position t predicts token t + 1
-            seg = torch.searchsorted(batch.cu_seqlens[1:].long(), torch.arange(batch.input_ids.numel()), right=True)
-            seg = seg.view(batch.input_ids.shape)[:, 1:].reshape(-1).to(device)
-            per_segment = torch.zeros(len(batch.cu_seqlens) - 1, device=device).index_add(0, seg, flat)
-            counts = torch.zeros(len(batch.cu_seqlens) - 1, device=device).index_add(0, seg, mask.reshape(-1).float())
+            logits = model(batch.input_ids.to(device), batch.pixel_values.to(device), packed=packed).float()
+            logprobs = F.log_softmax(logits, dim=-1)
+            mask = targets != IGNORE_INDEX
+            token = torch.gather(logprobs, -1, targets.clamp(min=0)[..., None])[..., 0] * mask
+            per_segment = torch.zeros(packed.num_segments, device=device).index_add(0, segments, token.reshape(-1))
+            counts = torch.zeros(packed.num_segments, device=device).index_add(0, segments, mask.reshape(-1).float())
             return per_segment, counts
         with autocast():
             with torch.no_grad():
@@ -232,20 +219,17 @@ def run_benchmark(options: BenchOptions) -> dict:
             for p in reference_model.parameters():
                 p.requires_grad_(False)
         if options.reference == "online":
-            reference = reference_model
+            reference = OnlineReference(reference_model)
         else:
             # What the precompute pass would have stored: the reference model's sums (or random values).
-            ids = [batch.sample_ids[int(c)] for batch in batches for c, _ in batch.pair_segments]
+            ids = [i for batch in batches for i in batch.pair_ids]
             if reference_model is not None:
-                from .steps import sequence_sums_fn, to_micro_batch
-                firsts = np.cumsum([0] + [len(b.pair_segments) for b in batches])[:-1]
-                mbs = [to_micro_batch(b, device, first_pair=int(f)) for b, f in zip(batches, firsts)]
-                with autocast():
-                    sums = torch.stack(reference_model.forward_only(mbs, sequence_sums_fn(2 * len(ids)))).sum(0)
-                values = sums.tolist()
+                sums = OnlineReference(reference_model).logps([b.to(device) for b in batches], autocast)
+                values = torch.cat(sums).tolist()
             else:
                 values = generator.normal(-50, 5, 2 * len(ids)).tolist()
-            reference = _FixedReference({i: values[2 * k:2 * k + 2] for k, i in enumerate(ids)})
+            reference = PrecomputedReference({i: values[2 * k:2 * k + 2] for k, i in enumerate(ids)},
+                                             "the bench's reference")
     runner = StepRunner(options.stage, pmodel, config, trainable=trainable, dpo=dpo, reference=reference,
                         autocast=autocast)
 
@@ -305,9 +289,8 @@ def _naive_flops(batches, config) -> float:
     from ..profiling import attended_pairs, forward_flops
     total = 0.0
     for b in batches:
-        lengths = [n for n, s in zip(b.cu_seqlens.diff().tolist(), b.segment_sample.tolist()) if s >= 0]
         fwd = forward_flops(config, num_images=len(b.pixel_values), num_tokens=b.num_tokens,
-                            attention_pairs=attended_pairs(lengths), num_labels=b.input_ids.numel())
+                            attention_pairs=attended_pairs(b.sample_segment_lengths()), num_labels=b.input_ids.numel())
         total += 4 * fwd.total  # policy forward + backward (3x) and the reference forward
     return total
 

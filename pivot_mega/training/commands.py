@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..presets import MODEL_PRESETS
+
 
 def register(sub) -> dict:
     train = sub.add_parser(
@@ -24,7 +26,7 @@ def register(sub) -> dict:
                     "reports the ratio.")
     bench.add_argument("--stage", choices=["pretrain_projector", "pretrain_full", "sft", "dpo"], default="dpo")
     bench.add_argument("--preset", default="tiny",
-                       help="tiny | pivot-1.5b | pivot-7b, or a model config YAML (default tiny)")
+                       help=f"{' | '.join(MODEL_PRESETS)}, or a model config YAML (default tiny)")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     bench.add_argument("--seq-len", type=int, default=0, help="tokens per packed row (default: 4x the image tokens)")
@@ -56,8 +58,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     from ..data.sources import DataError
-    from ..models.precision import PrecisionUnavailableError
-    from .steps import ReferenceError
+    from ..precision import PrecisionUnavailableError
+    from .reference import ReferenceError
     from .trainer import TrainingError
 
     config = load_run_config(args.config, args.overrides)

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, inline_presets, load_yaml, to_dict
 from ..data.config import DataConfig
-from ..models.precision import PrecisionConfig
 from ..parallel.config import ParallelConfig
+from ..precision import PrecisionConfig
 from ..profiling import ProfileConfig
 from .losses import DPOConfig
 from .optim import PIVOT_STAGE_DEFAULTS, TOWERS, OptimConfig
@@ -45,7 +45,8 @@ class DPOTrainConfig(DPOConfig):
     - ``reference: precomputed``: the reference log-probs of every pair are read from
       ``reference_logps`` (a JSON file keyed by pair id). ``precompute_reference: true`` first
       writes that file with one reference pass over the data, then trains reading it: with 3
-      epochs one reference pass instead of three. A pair missing from the file is an error.
+      epochs one reference pass instead of three, whatever ``reference`` says (the run says so).
+      A pair missing from the file is an error.
     - ``reference_from``: the reference model's portable checkpoint (default: ``init_from``, the model
       the policy starts from, as in PIVOT).
     """
@@ -57,9 +58,12 @@ class DPOTrainConfig(DPOConfig):
 
     def validate(self, where: str = "dpo") -> "DPOTrainConfig":
         super().validate(where)
-        if self.precompute_reference and self.reference != "precomputed":
-            self.reference = "precomputed"
         return self
+
+    @property
+    def reads_precomputed(self) -> bool:
+        """Whether training reads the reference log-probs from the file (written first if asked)."""
+        return self.reference == "precomputed" or self.precompute_reference
 
 
 @dataclasses.dataclass

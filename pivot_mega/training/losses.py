@@ -1,11 +1,11 @@
 """Training losses over per-token and per-sequence log-probs: SFT, and the DPO family for preference pairs.
 
-    token_lp = token_logprobs(hidden, head_weight, labels)                 # [M], vocab-parallel
-    sums, counts = sequence_logprob_sums(token_lp, sequence_index, 2 * P)  # [2P] per response
+    token_lp = token_logprobs(hidden, head_weight, mb.targets)             # [M], vocab-parallel
+    sums, counts = sequence_logprob_sums(token_lp, mb.targets.sequence, 2 * P)  # [2P] per response
     # here pair p's chosen and rejected responses are sequences 2p and 2p + 1
     losses, metrics = dpo_loss(sums[0::2], sums[1::2], ref[0::2], ref[1::2],
                                counts[0::2], counts[1::2], config, reward_mean=running.mean)
-    loss = global_mean(losses, num_global_pairs, dp_size)                 # what backward sees
+    loss = losses.sum() * global_scale(num_global_pairs, dp_size)         # what backward sees
 
 Everything here is a pure function of tensors except :class:`RunningRewardMean`, the one piece of
 state (BCO-pair's reward baseline), which the trainer checkpoints.
@@ -110,26 +110,34 @@ def sequence_logprob_sums(token_logprobs: torch.Tensor, sequence_index: torch.Te
     return sums, counts
 
 
-def global_mean(values: torch.Tensor, global_count: int, dp_size: int = 1) -> torch.Tensor:
-    """Sum of this rank's ``values [N]`` over ``global_count`` (N summed over the global batch).
-
-    Like ``parallel.lm_loss``: data-parallel gradient reduction averages over ``dp_size`` ranks, so
-    the sum is scaled by it, and the reduced gradient is that of the mean over the whole batch, as in
-    one process. Pass per-pair DPO losses with the global pair count, or negative token log-probs
-    with the global token count (:func:`sft_loss`).
-    """
-    if global_count <= 0:
-        raise ValueError(f"global_count must be > 0, got {global_count}")
-    return values.sum() * (dp_size / global_count)
-
-
-def sft_loss(token_logprobs: torch.Tensor, num_global_tokens: int, dp_size: int = 1) -> torch.Tensor:
-    """Mean NLL per labelled token over the global batch: ``token_logprobs [M]`` → scalar."""
-    return global_mean(-token_logprobs, num_global_tokens, dp_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # preference pairs
+
+# Per-pair metrics of every DPO loss, as dpo_loss returns them; the loss's parts come after them.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "ref_logps/chosen", "ref_logps/rejected")
+
+
+def loss_parts(config: DPOConfig) -> tuple[str, ...]:
+    """The terms the configured loss sums: ``preference`` (sigmoid / ipo / hinge), ``quality``
+    (BCO-pair), ``sft`` (a generation term with a non-zero weight)."""
+    parts = []
+    if config.loss_type != "bco_pair":
+        parts.append("preference")
+    if config.loss_type in ("bco_pair", "mpo"):
+        parts.append("quality")
+    if (config.mpo_generation_weight if config.loss_type == "mpo" else config.sft_weight):
+        parts.append("sft")
+    return tuple(parts)
+
+
+def dpo_metric_names(config: DPOConfig, *, logged: bool = False) -> tuple[str, ...]:
+    """Names of the per-pair metrics :func:`dpo_loss` returns for ``config``; with ``logged``, those a
+    run logs (the loss's parts only when it is more than the preference loss alone)."""
+    parts = loss_parts(config)
+    if logged and parts == ("preference",):
+        return PAIR_METRICS
+    return PAIR_METRICS + tuple(f"loss/{part}" for part in parts)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -142,7 +150,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     token counts (>= 1; used by ``ipo`` and the SFT term). ``reward_mean`` is BCO-pair's δ, the
     :class:`RunningRewardMean` before this step (``bco_pair`` and ``mpo`` only).
 
-    Returns ``losses [P]`` (normalise with :func:`global_mean`) and detached ``[P]`` metrics:
+    Returns ``losses [P]`` (normalise with ``parallel.global_scale``) and detached ``[P]`` metrics (:data:`PAIR_METRICS`):
     ``rewards/chosen`` and ``rewards/rejected`` (beta × policy-reference log-ratio, on the log-probs
     the loss uses: averaged per token for ``ipo``, summed otherwise), ``rewards/margins``,
     ``rewards/accuracies`` (1.0 where the chosen reward is strictly larger), ``logps/chosen``,
@@ -174,33 +182,29 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     else:
         weights = {"preference": 1.0, "quality": 1.0, "sft": config.sft_weight}
     parts: dict[str, torch.Tensor] = {}
-    if loss_type in ("sigmoid", "mpo"):
-        eps = config.label_smoothing
-        parts["preference"] = (-(1 - eps) * F.logsigmoid(beta * margin_logits)
-                               - eps * F.logsigmoid(-beta * margin_logits))
-    elif loss_type == "ipo":
-        parts["preference"] = (margin_logits - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        parts["preference"] = torch.relu(1 - beta * margin_logits)
-    if loss_type in ("bco_pair", "mpo"):
-        parts["quality"] = (-F.logsigmoid(beta * chosen_logratio - reward_mean)
-                            - F.logsigmoid(-(beta * rejected_logratio - reward_mean)))
-    if weights["sft"]:
-        parts["sft"] = -policy_chosen.to(dtype) / len_c  # the sum, whatever ipo did to policy_c
+    for part in loss_parts(config):
+        if part == "preference" and loss_type in ("sigmoid", "mpo"):
+            eps = config.label_smoothing
+            parts[part] = (-(1 - eps) * F.logsigmoid(beta * margin_logits)
+                           - eps * F.logsigmoid(-beta * margin_logits))
+        elif part == "preference" and loss_type == "ipo":
+            parts[part] = (margin_logits - 1 / (2 * beta)) ** 2
+        elif part == "preference":  # hinge
+            parts[part] = torch.relu(1 - beta * margin_logits)
+        elif part == "quality":
+            parts[part] = (-F.logsigmoid(beta * chosen_logratio - reward_mean)
+                           - F.logsigmoid(-(beta * rejected_logratio - reward_mean)))
+        else:
+            parts[part] = -policy_chosen.to(dtype) / len_c  # the sum, whatever ipo did to policy_c
     losses = sum(weights[name] * part for name, part in parts.items())
 
     rewards_chosen = (beta * chosen_logratio).detach()
     rewards_rejected = (beta * rejected_logratio).detach()
-    metrics = {
-        "rewards/chosen": rewards_chosen,
-        "rewards/rejected": rewards_rejected,
-        "rewards/margins": rewards_chosen - rewards_rejected,
-        "rewards/accuracies": (rewards_chosen > rewards_rejected).to(dtype),
-        "logps/chosen": policy_chosen.detach().to(dtype),
-        "logps/rejected": policy_rejected.detach().to(dtype),
-        "ref_logps/chosen": reference_chosen.detach().to(dtype),
-        "ref_logps/rejected": reference_rejected.detach().to(dtype),
-    }
+    values = (rewards_chosen, rewards_rejected, rewards_chosen - rewards_rejected,
+              (rewards_chosen > rewards_rejected).to(dtype), policy_chosen.detach().to(dtype),
+              policy_rejected.detach().to(dtype), reference_chosen.detach().to(dtype),
+              reference_rejected.detach().to(dtype))
+    metrics = dict(zip(PAIR_METRICS, values))
     metrics.update({f"loss/{name}": part.detach() for name, part in parts.items()})
     return losses, metrics
 

@@ -27,7 +27,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import ConfigError
 from ..parallel import ParallelModel
-from ..parallel.pipeline import StageModel
 
 TOWERS = ("vision", "projector", "language")
 
@@ -242,10 +241,7 @@ def tied_embedding_copies(model) -> list[torch.Tensor]:
     """Parameters whose gradient duplicates another's: the last pipeline stage's copy of a tied
     embedding, which ``TiedEmbeddingSync`` gives the same summed gradient as the first stage's.
     Megatron marks it ``shared`` and leaves it out of the norm; pass these as ``tied_copies``."""
-    modules = model.modules if isinstance(model, ParallelModel) else [model]
-    return [module.language.embed_tokens.weight for module in modules
-            if isinstance(module, StageModel) and module.last and not module.first
-            and module.language.embed_tokens is not None]
+    return model.tied_head_copies() if isinstance(model, ParallelModel) else []
 
 
 def _local_sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -21,8 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -32,27 +30,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..batch import MicroBatch
 from ..config import ConfigError
 from ..data.loader import PackedDataLoader
-from ..data.packing import PackedBatch
-from ..models.checkpoint_io import CheckpointError, read_config, read_safetensors_dir
+from ..data.tokenizer import copy_tokenizer_files
+from ..models.checkpoint_files import CheckpointError, read_config, read_safetensors_dir
 from ..models.mllm import VisionLanguageModel
-from ..models.precision import apply_precision, check_precision, precision_autocast
 from ..parallel import ParallelModel, build_mesh, parallelize
+from ..precision import apply_precision, check_precision, precision_autocast
 from ..profiling import StepProfiler, nvtx_range, peak_tflops
-from .checkpoint import (LoadedCheckpoint, PendingSave, export_model, load_checkpoint, load_model_weights,
-                         resolve_resume, save_checkpoint)
+from .checkpoint.dcp import LoadedCheckpoint, PendingSave, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint.portable import export_model, load_model_weights
 from .config import RunConfig
-from .losses import RunningRewardMean
+from .losses import RunningRewardMean, dpo_metric_names
 from .metrics import MetricsLogger
 from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_norm_, tied_embedding_copies
-from .steps import (DATA_METRICS, PrecomputedReference, ReferenceError, StepRunner, blank_batch, pair_ids,
-                    sequence_sums_fn, to_micro_batch)
+from .reference import build_reference
+from .steps import DATA_METRICS, StepRunner
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja")
 
 
 class TrainingError(RuntimeError):
@@ -208,7 +204,8 @@ class Trainer:
 
         reference = None
         if c.stage == "dpo":
-            reference = self._reference(model_config, dims, loader, autocast)
+            reference = build_reference(c, dims, loader, lambda source: self._build_model(
+                model_config, dims, init_from=source, seed=c.train.seed), autocast, self.device_type)
 
         runner = StepRunner(c.stage, pmodel, model_config, trainable=trainable, dpo=c.dpo, reference=reference,
                             reward_mean=reward_mean, autocast=autocast)
@@ -311,7 +308,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # pieces of the loop
 
-    def _take_step(self, batches_iter, loader: PackedDataLoader, dims) -> tuple[list[PackedBatch], dict, bool]:
+    def _take_step(self, batches_iter, loader: PackedDataLoader, dims) -> tuple[list[MicroBatch], dict, bool]:
         """Micro-batches of one step, the loader state after the last of them, whether the data ran out.
 
         A pipeline needs at least ``pp`` (and ``parallel.microbatches``) micro-batches per step, a whole
@@ -333,7 +330,7 @@ class Trainer:
                 break
         if batches and pp > 1:
             while len(batches) < minimum or len(batches) % multiple:
-                batches.append(blank_batch(batches[-1]))
+                batches.append(batches[-1].blank())
         return batches, state, exhausted
 
     def _step_metrics(self, values: dict, loss: float, result, norm, lr: float, state: dict, finite: bool,
@@ -345,14 +342,7 @@ class Trainer:
                "skipped": not finite, "bad_steps": state["bad_steps"]}
         if self.config.stage == "dpo":
             pairs = max(values["pairs"], 1)
-            dpo = self.config.dpo
-            names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                     "logps/rejected", "ref_logps/chosen", "ref_logps/rejected"]
-            if dpo.loss_type in ("bco_pair", "mpo") or dpo.sft_weight:  # the loss has several parts
-                names += ["loss/preference"] * (dpo.loss_type != "bco_pair") \
-                    + ["loss/quality"] * (dpo.loss_type in ("bco_pair", "mpo")) \
-                    + ["loss/sft"] * bool(dpo.sft_weight or (dpo.loss_type == "mpo" and dpo.mpo_generation_weight))
-            for name in names:
+            for name in dpo_metric_names(self.config.dpo, logged=True):
                 out[name] = values[name] / pairs
         return out
 
@@ -376,25 +366,6 @@ class Trainer:
             raise CheckpointError(f"{loaded.directory}: rank state lacks {missing}; not written by pivot-mega train")
         return extra
 
-    def _reference(self, model_config, dims, loader: PackedDataLoader, autocast):
-        c = self.config
-        source = c.dpo.reference_from or c.init_from
-        if c.dpo.reference == "online" or c.dpo.precompute_reference:
-            needs_model = c.dpo.reference == "online" or not _reference_file_fits(c.reference_logps_path,
-                                                                                   loader.shards.fingerprint)
-            if not needs_model:
-                log.info("train: reference log-probs already in %s", c.reference_logps_path)
-                return PrecomputedReference(c.reference_logps_path, loader.shards.fingerprint)
-            reference = self._build_model(model_config, dims, init_from=source, seed=c.train.seed)
-            for param in reference.parameters():
-                param.requires_grad_(False)
-            reference.train(False)
-            if c.dpo.reference == "online":
-                return reference
-            precompute_reference_logps(reference, c, dims, autocast, self.device_type)
-            del reference
-        return PrecomputedReference(c.reference_logps_path, loader.shards.fingerprint)
-
     def _export(self, pmodel) -> Path:
         c = self.config
         final = self.out_dir / "final"
@@ -406,10 +377,7 @@ class Trainer:
         with nvtx_range("export"):
             export_model(pmodel, final, unused_vision=unused or None)
         if dist.get_rank() == 0:
-            tokenizer = Path(c.data.tokenizer)
-            for name in TOKENIZER_FILES:
-                if (tokenizer / name).is_file():
-                    shutil.copy2(tokenizer / name, final / name)
+            copy_tokenizer_files(c.data.tokenizer, final)
             if c.train.export_hf:
                 from ..convert.hf import export_hf
                 export_hf(final, self.out_dir / "hf" / "llava", format="llava")
@@ -417,91 +385,3 @@ class Trainer:
                 log.info("train: HF exports in %s", self.out_dir / "hf")
         dist.barrier()
         return final
-
-
-def _reference_file_fits(path: Path, fingerprint: str) -> bool:
-    try:
-        PrecomputedReference(path, fingerprint)
-        return True
-    except ReferenceError:
-        return False
-
-
-def precompute_reference_logps(reference: ParallelModel, config: RunConfig, dims, autocast, device_type: str) -> Path:
-    """One reference forward over an epoch of the data → ``config.reference_logps_path`` (JSON,
-    pair id → [chosen sum, rejected sum]). Call on all ranks."""
-    path = config.reference_logps_path
-    model_config = reference.modules[0].config
-    loader = PackedDataLoader(config.data,
-                              image_size=model_config.vision.image_size, num_image_tokens=model_config.num_image_tokens,
-                              image_token_id=model_config.image_token_id, rank=dims.dp_rank, world_size=dims.layout.dp,
-                              device_id=torch.cuda.current_device() if device_type == "cuda" else None)
-    device = next(iter(reference.parameters())).device
-    group = max(dims.layout.pp, config.parallel.microbatches) if dims.layout.pp > 1 else 1
-    if config.parallel.pipeline_schedule == "interleaved_1f1b" and dims.layout.pp > 1:
-        group = -(-group // dims.layout.pp) * dims.layout.pp
-    keep = reference.holds_loss and dims.tp_rank == 0
-    found: dict[str, list[float]] = {}
-    duplicates: list[str] = []
-    started = time.perf_counter()
-    batches_iter = iter(loader)
-    done = False
-    try:
-        while not done:
-            batches = []
-            while len(batches) < group:
-                batch = next(batches_iter)
-                if batch.epoch > 0:
-                    done = True
-                    break
-                batches.append(batch)
-            if not batches:
-                break
-            real = len(batches)
-            batches += [blank_batch(batches[-1]) for _ in range(group - real)]  # a schedule wants whole groups
-            firsts, count = [], 0
-            for b in batches:
-                firsts.append(count)
-                count += len(b.pair_segments)
-            mbs = [to_micro_batch(b, device, first_pair=f) for b, f in zip(batches, firsts)]
-            with autocast():
-                outputs = reference.forward_only(mbs, sequence_sums_fn(2 * count))
-            if keep:
-                sums = torch.stack(outputs).sum(0).tolist()
-                ids = [i for b in batches[:real] for i in pair_ids(b)]
-                for k, pair in enumerate(ids):
-                    if pair in found:
-                        duplicates.append(pair)
-                    found[pair] = [sums[2 * k], sums[2 * k + 1]]
-    finally:
-        loader.close()
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (found, duplicates))
-    if dist.get_rank() == 0:
-        merged: dict[str, list[float]] = {}
-        duplicates = [d for _, dup in gathered for d in dup]
-        for part, _ in gathered:
-            for pair, values in part.items():
-                if pair in merged:
-                    duplicates.append(pair)
-                merged[pair] = values
-        error = None
-        if duplicates:
-            error = (f"{config.data.shards}: pair id(s) {sorted(set(duplicates))[:10]} occur more than once; "
-                     f"reference log-probs are keyed by pair id, so ids must be unique")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"format": PrecomputedReference.FORMAT, "shards": loader.shards.fingerprint,
-                                       "shards_dir": str(config.data.shards), "reference": config.dpo.reference_from
-                                       or config.init_from, "pairs": merged}) + "\n")
-            os.replace(tmp, path)
-            log.info("train: reference log-probs of %d pairs written to %s in %.1f s", len(merged), path,
-                     time.perf_counter() - started)
-    else:
-        error = None
-    status = [error]
-    dist.broadcast_object_list(status, src=0)
-    if status[0]:
-        raise ReferenceError(status[0])
-    return path

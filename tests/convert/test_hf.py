@@ -10,7 +10,8 @@ from transformers import LlavaForConditionalGeneration, SiglipVisionModel
 
 from pivot_mega.convert.hf import export_hf, import_hf
 from pivot_mega.models import CheckpointError, VisionLanguageModel
-from pivot_mega.models.checkpoint_io import read_checkpoint, read_safetensors_dir
+from pivot_mega.models.checkpoint_files import read_safetensors_dir
+from pivot_mega.models.checkpoint_io import read_checkpoint
 from tests.hf_models import (CASES, Case, make_llava, make_qwen2, make_siglip, mllm_inputs, record, rel_err,
                              write_tokenizer_json)
 
@@ -274,8 +275,9 @@ def test_llava_export_runs_through_autoprocessor(tmp_path, seed):
     from pivot_mega.config import load_model_config
     from pivot_mega.models import VisionLanguageModel
     from pivot_mega.models.checkpoint_io import save_model
+    from pivot_mega.presets import model_preset_path
     tokenizer = _qwen_like_tokenizer(tmp_path / "tok")
-    config = load_model_config("examples/configs/model_tiny.yaml", [f"image_token_id={_token_id(tokenizer, '<|image_pad|>')}"])
+    config = load_model_config(model_preset_path("tiny"), [f"image_token_id={_token_id(tokenizer, '<|image_pad|>')}"])
     model = VisionLanguageModel(config).init_weights(seed).eval()
     save_model(model, tmp_path / "ckpt")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -12,7 +12,8 @@ from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
 from pivot_mega.convert.hf import export_hf, import_hf
 from pivot_mega.convert.transplant import TransplantError, transplant, transplant_siglip
 from pivot_mega.models import CheckpointError, VisionLanguageModel
-from pivot_mega.models.checkpoint_io import read_checkpoint, read_safetensors_dir, save_model
+from pivot_mega.models.checkpoint_files import read_safetensors_dir
+from pivot_mega.models.checkpoint_io import read_checkpoint, save_model
 from tests.hf_models import CASES, Case, make_llava, make_qwen2, mllm_inputs, write_tokenizer_json
 
 SOURCE = CASES[0]            # SigLIP 48d, 3 layers, feature layer -2: one unused layer + post-layernorm

@@ -14,6 +14,7 @@ from pivot_mega.data.loader import PackedDataLoader
 from pivot_mega.data.shards import BuildOptions, ShardSet, build_shards
 from pivot_mega.data.sources import DataError
 from pivot_mega.data.templates import IGNORE_INDEX, TextEncoder
+from pivot_mega.presets import model_preset_path
 from tests.data.helpers import dpo_rows, llava_rows, write_images, write_json
 from tests.distributed import require_procs, run_workers
 
@@ -85,7 +86,7 @@ def test_an_epoch_covers_every_sample_once_over_the_ranks(llava_shards, tokenize
     assert len({json.dumps({k: v for k, v in s.items() if k != "counters"}) for s in states}) == 1
     assert all(s["counters"]["samples_read"] == len(seen) for s in states)
     for batch in (b for e in epochs for b in e):
-        assert batch.input_ids.shape == (2, 256) and batch.cu_seqlens[-1] == 2 * 256
+        assert batch.input_ids.shape == (2, 256) and batch.packed.cu_seqlens[-1] == 2 * 256
         assert int((batch.input_ids == image_token).sum()) == IMAGE_TOKENS * len(batch.pixel_values)
         assert batch.pixel_values.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
 
@@ -109,8 +110,12 @@ def test_ranks_in_separate_processes_split_the_epoch(llava_shards, tokenizer_dir
 def _same_batches(a, b, pixel_levels=0.0):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        for name in ("input_ids", "labels", "position_ids", "cu_seqlens", "segment_sample", "pair_segments"):
+        for name in ("input_ids", "labels", "segment_sample", "pair_segments"):
             assert torch.equal(getattr(x, name), getattr(y, name)), name
+        for name in ("position_ids", "cu_seqlens", "segment_ids"):
+            assert torch.equal(getattr(x.packed, name), getattr(y.packed, name)), name
+        for name in ("positions", "tokens", "sequence"):
+            assert torch.equal(getattr(x.targets, name), getattr(y.targets, name)), name
         assert x.image_refs == y.image_refs and x.epoch == y.epoch
         assert x.pixel_values.shape == y.pixel_values.shape
         if len(x.pixel_values):
@@ -178,7 +183,7 @@ def test_dpo_pairs_stay_together(dpo_shards, tokenizer_dir, image_token):
     batches = _epoch(_loader(config, image_token, 0, 2)) + _epoch(_loader(config, image_token, 1, 2))
     pairs = 0
     for batch in batches:
-        cu = batch.cu_seqlens.tolist()
+        cu = batch.packed.cu_seqlens.tolist()
         ids = batch.input_ids.flatten()
         segments_with_images = []
         for k in range(len(cu) - 1):
@@ -217,7 +222,7 @@ def test_skips_truncation_and_counters(llava_shards, tokenizer_dir, image_token)
     assert dict(c.skipped) == {"too_long": too_long} and c.samples == len(lengths) - too_long
     assert c.samples_read == len(lengths) and c.micro_batches == len(batches)
     assert c.tokens == sum(b.num_tokens for b in batches) == sum(n for n in lengths if n <= limit)
-    padding = sum(int(b.cu_seqlens.diff()[b.segment_sample < 0].sum()) for b in batches)
+    padding = sum(int(b.packed.cu_seqlens.diff()[b.segment_sample < 0].sum()) for b in batches)
     assert c.padding_tokens == padding
     assert c.padding_fraction == pytest.approx(c.padding_tokens / (len(batches) * 2 * limit))
     assert c.label_tokens == sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
@@ -255,18 +260,17 @@ def test_data_config_file(tmp_path, llava_shards, tokenizer_dir):
 def test_micro_batches_run_through_the_model(llava_shards, tokenizer_dir, seed):
     from pivot_mega.models import VisionLanguageModel
 
-    model_config = load_model_config("examples/configs/model_tiny.yaml")
+    model_config = load_model_config(model_preset_path("tiny"))
     model = VisionLanguageModel(model_config).init_weights(seed).eval()
     loader = PackedDataLoader(_config(llava_shards, tokenizer_dir, max_seq_len=160), rank=0, world_size=1,
                               image_size=model_config.vision.image_size, num_image_tokens=model_config.num_image_tokens,
                               image_token_id=model_config.image_token_id)
     batch = next(iter(loader))
     with torch.no_grad():
-        logits = model(batch.input_ids, batch.pixel_values, position_ids=batch.position_ids,
-                       cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        logits = model(batch.input_ids, batch.pixel_values, packed=batch.packed)
     assert logits.shape == (*batch.input_ids.shape, model_config.language.vocab_size) and torch.isfinite(logits).all()
     # Packed rows attend within each sample: the first sample alone gives the same logits.
-    start, end = batch.cu_seqlens[:2].tolist()
+    start, end = batch.packed.cu_seqlens[:2].tolist()
     first = batch.segment_sample[0].item()
     images = sum(1 for index, _ in batch.image_refs if index == first)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 
 from pivot_mega.data.packing import build_micro_batch, pack_rows, plan_window
 from pivot_mega.data.templates import IGNORE_INDEX, Sequence, Unit
-from pivot_mega.models.layers import PackedSeqs
+from pivot_mega.batch import PackedSeqs
 
 
 def test_pack_rows_places_every_item_once_within_capacity(seed):
@@ -78,6 +78,7 @@ def _unit(rng, index, pair, image_token):
         labels = np.where(rng.random(n) < 0.5, ids, IGNORE_INDEX)
         ids[1:1 + 4 * images] = image_token
         labels[1:1 + 4 * images] = IGNORE_INDEX
+        labels[0] = IGNORE_INDEX  # as every template renders: nothing before a first token predicts it
         return Sequence(ids.astype(np.int64), labels.astype(np.int64), images)
 
     images = int(rng.integers(0, 3))
@@ -100,13 +101,14 @@ def test_micro_batch_layout_matches_packed_seqs(seed):
         lengths = [len(s) for u in row for s in u.sequences]
         per_row.append(lengths + ([seq_len - sum(lengths)] if sum(lengths) < seq_len else []))
     reference = PackedSeqs.from_lengths(per_row)
-    assert torch.equal(batch.cu_seqlens, reference.cu_seqlens)
-    assert batch.cu_seqlens.dtype == torch.int32 and batch.max_seqlen == reference.max_seqlen
-    assert torch.equal(batch.position_ids, reference.position_ids(len(rows), seq_len))
+    assert torch.equal(batch.packed.cu_seqlens, reference.cu_seqlens)
+    assert batch.packed.cu_seqlens.dtype == torch.int32 and batch.packed.max_seqlen == reference.max_seqlen
+    assert torch.equal(batch.packed.position_ids, reference.position_ids)
+    assert torch.equal(batch.packed.segment_ids, reference.segment_ids)
     assert batch.num_tokens == sum(segments) and batch.num_padding_tokens == len(rows) * seq_len - sum(segments)
 
     flat_ids, flat_labels = batch.input_ids.flatten(), batch.labels.flatten()
-    cu = batch.cu_seqlens.tolist()
+    cu = batch.packed.cu_seqlens.tolist()
     k = 0
     for row in rows:
         for u in row:

@@ -8,8 +8,9 @@ import pytest
 from pivot_mega.config import load_model_config
 from pivot_mega.models import VisionLanguageModel
 from pivot_mega.models.checkpoint_io import save_model
+from pivot_mega.presets import model_preset_path
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "model_tiny.yaml"
+TINY_CONFIG = model_preset_path("tiny")
 
 
 def tiny_model(image_token: int, seed: int = 0) -> VisionLanguageModel:

@@ -13,7 +13,7 @@ from PIL import Image
 from pivot_mega.cli import main
 from pivot_mega.data.shards import BuildOptions, build_shards
 from pivot_mega.eval.saliency import (PANEL_GAP, SaliencyError, build_loader, image_saliency, jet,
-                                      next_token_targets, normalise_map, overlay, replace_border, run_saliency)
+                                      normalise_map, overlay, replace_border, run_saliency)
 from pivot_mega.training.losses import DPOConfig
 from tests.data.helpers import dpo_rows, llava_rows, write_images, write_json
 from tests.eval.conftest import tiny_model
@@ -59,7 +59,7 @@ def _first_batch(model, shards, tokenizer_dir, loss, max_seq_len=320):
 def _segments(model, batch):
     """(ids, labels, pixel_values) of each non-padding segment, unpacked, in order."""
     flat_ids, flat_labels = batch.input_ids.reshape(-1), batch.labels.reshape(-1)
-    cu, tokens = batch.cu_seqlens.tolist(), model.config.num_image_tokens
+    cu, tokens = batch.packed.cu_seqlens.tolist(), model.config.num_image_tokens
     out, image = [], 0
     for k in range(len(cu) - 1):
         ids, labels = flat_ids[cu[k]:cu[k + 1]], flat_labels[cu[k]:cu[k + 1]]
@@ -141,14 +141,6 @@ def test_dpo_maps_equal_an_unpacked_autograd_reference(model, image_token, dpo_s
     with_copy = image_saliency(model, batch, loss="dpo", reference=copy.deepcopy(model))
     assert all(torch.allclose(a.raw, b.raw, rtol=1e-5, atol=0) for a, b in zip(alone, with_copy))
     assert all(a.loss == pytest.approx(np.log(2)) for a in alone)  # h = 0 at the reference
-
-
-def test_targets_never_cross_segments():
-    labels = torch.tensor([[-100, 5, 6, -100, 7, 8], [9, -100, 3, 4, -100, -100]])
-    cu = torch.tensor([0, 3, 6, 8, 12], dtype=torch.int32)
-    targets = next_token_targets(labels, cu)
-    # Positions predict the next token's label; 3, 6 and 8 start segments and are never targets.
-    assert targets.tolist() == [5, 6, -100, 7, 8, -100, -100, -100, 4, -100, -100, -100]
 
 
 def test_picture_pipeline():

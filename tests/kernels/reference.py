@@ -70,7 +70,7 @@ def reference(case: Case) -> Result:
 def run(case: Case, weight: torch.Tensor | None = None, **kwargs) -> Result:
     """``linear_logprob`` on the case (or on ``weight``, a vocab shard) with ``return_stats``; backward
     through ``sum(grad_output * logprob)``."""
-    from kernels.linear_logprob import linear_logprob
+    from pivot_mega.kernels.linear_logprob import linear_logprob
 
     hidden = case.hidden.clone().requires_grad_()
     weight = (case.weight if weight is None else weight).clone().requires_grad_()

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.linear_logprob import (KernelUnavailableError, linear_logprob, naive_linear_logprob,
-                                    resolve_impl)
+from pivot_mega.kernels.linear_logprob import (KernelUnavailableError, linear_logprob, naive_linear_logprob,
+                                               resolve_impl)
 from tests.distributed import require_procs, run_workers
 from tests.kernels.reference import IGNORE_INDEX, Case, Result, assert_close, make_case, reference, run
 

@@ -1,4 +1,4 @@
-"""Attention backends, packed sequences, activation checkpointing, BF16 autocast."""
+"""Attention backends, packed sequences, BF16 autocast."""
 
 import pytest
 import torch
@@ -28,17 +28,59 @@ def test_backends_match_reference_attention(backend, causal, groups, seed):
 
 def test_packed_layout_checks():
     packed = PackedSeqs.from_lengths([[3, 5], [8]])
-    assert packed.position_ids(2, 8).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
-    assert packed.segment_ids(2, 8).tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [2] * 8]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4], list(range(8))]
+    assert packed.segment_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [2] * 8]
     with pytest.raises(ValueError, match="crosses a row boundary"):
-        PackedSeqs(torch.tensor([0, 3, 10, 16], dtype=torch.int32), 7).validate(2, 8)
+        PackedSeqs.from_cu_seqlens(torch.tensor([0, 3, 10, 16], dtype=torch.int32), 2, 8)
     with pytest.raises(ValueError, match="from 0 to B\\*S=16"):
-        PackedSeqs(torch.tensor([0, 3, 8], dtype=torch.int32), 5).validate(2, 8)
+        PackedSeqs.from_cu_seqlens(torch.tensor([0, 3, 8], dtype=torch.int32), 2, 8)
     with pytest.raises(ValueError, match="strictly increasing"):
-        PackedSeqs(torch.tensor([0, 8, 8, 16], dtype=torch.int32), 8).validate(2, 8)
-    assert PackedSeqs.from_position_ids(packed.position_ids(2, 8)).cu_seqlens.tolist() == [0, 3, 8, 16]
+        PackedSeqs.from_cu_seqlens(torch.tensor([0, 8, 8, 16], dtype=torch.int32), 2, 8)
+    assert PackedSeqs.from_position_ids(packed.position_ids).cu_seqlens.tolist() == [0, 3, 8, 16]
+    assert PackedSeqs.from_cu_seqlens(packed.cu_seqlens, 2, 8).position_ids.tolist() == packed.position_ids.tolist()
     with pytest.raises(ValueError, match="must start every row at 0"):
         PackedSeqs.from_position_ids(torch.tensor([[0, 1, 2], [3, 0, 1]]))
+
+
+def test_shared_prefix_layout_positions_and_checks():
+    # Row 0: prefix (4) | chosen (3) | rejected (2) | padding (1); row 1: one plain segment.
+    packed = PackedSeqs.from_lengths([[4, 3, 2, 1], [10]], prefix=[-1, 0, 0, -1, -1])
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 4, 5, 0], list(range(10))]
+    assert packed.prefix_ids.tolist() == [[-1] * 4 + [0] * 5 + [-1], [-1] * 10]
+    mask = packed.attends(causal=True)[0]
+    rejected, chosen, prefix = 7, 4, 2
+    assert mask[rejected, prefix] and mask[chosen, prefix] and mask[rejected, rejected]
+    assert not mask[rejected, chosen] and not mask[chosen, rejected] and not mask[prefix, chosen]
+    assert not mask[9, 3]  # padding sees only itself
+    for bad in ([-1, 0, 1, -1, -1], [-1, 2, 0, -1, -1], [-1, 0, 0, -1, 0]):  # nested, later, other row
+        with pytest.raises(ValueError, match="prefix"):
+            PackedSeqs.from_lengths([[4, 3, 2, 1], [10]], prefix=bad)
+    for name in ("varlen", "flash_attn", "te"):  # one cu_seqlens for queries and keys: no prefix
+        with pytest.raises(AttentionBackendError, match="cannot express a shared prefix"):
+            resolve_backend(name, "cuda", packed=True, dtype=torch.bfloat16, prefixes=True)
+    assert resolve_backend("auto", "cpu", packed=True, dtype=torch.float32, prefixes=True) == "sdpa"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shared_prefix_attention_equals_each_branch_after_its_prefix(backend, seed):
+    """prefix | chosen | rejected in one row: each branch's outputs equal those of prefix + branch alone."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, dim, n_prefix, n_chosen, n_rejected = 4, 2, 8, 6, 5, 4
+    total = n_prefix + n_chosen + n_rejected
+
+    def qkv(n):
+        return (torch.randn(1, n, heads, dim, generator=gen), torch.randn(1, n, kv_heads, dim, generator=gen),
+                torch.randn(1, n, kv_heads, dim, generator=gen))
+    (qp, kp, vp), (qc, kc, vc), (qr, kr, vr) = qkv(n_prefix), qkv(n_chosen), qkv(n_rejected)
+    q, k, v = (torch.cat(parts, 1) for parts in ((qp, qc, qr), (kp, kc, kr), (vp, vc, vr)))
+    tree = PackedSeqs.from_lengths([[n_prefix, n_chosen, n_rejected]], prefix=[-1, 0, 0])
+    got = attention(q, k, v, causal=True, packed=tree, backend=backend)
+    chosen = reference_attention(torch.cat([qp, qc], 1), torch.cat([kp, kc], 1), torch.cat([vp, vc], 1), causal=True)
+    rejected = reference_attention(torch.cat([qp, qr], 1), torch.cat([kp, kr], 1), torch.cat([vp, vr], 1), causal=True)
+    assert total == got.shape[1]
+    assert rel_err(got[:, :n_prefix + n_chosen], chosen) <= TOL
+    assert rel_err(got[:, n_prefix + n_chosen:], rejected[:, n_prefix:]) <= TOL
+    assert rel_err(reference_attention(q, k, v, causal=True, packed=tree), got) <= TOL
 
 
 def test_gpu_only_backends_fail_clearly_on_cpu():
@@ -67,25 +109,12 @@ def test_packed_batch_equals_samples_one_by_one(backend, seed):
     packed_ids = torch.stack([torch.cat([samples[0][0], samples[1][0]]), torch.cat([samples[2][0], samples[3][0]])])
     packed = PackedSeqs.from_lengths(lengths)
     with torch.no_grad():
-        packed_logits = model(packed_ids, torch.stack(images), cu_seqlens=packed.cu_seqlens,
-                              max_seqlen=packed.max_seqlen).flatten(0, 1)
+        packed_logits = model(packed_ids, torch.stack(images), packed=packed).flatten(0, 1)
         image_iter = iter(images)
         singles = [model(ids[None], next(image_iter)[None] if with_image else None)[0]
                    for ids, with_image in samples]
     expected = torch.cat(singles)
     assert rel_err(packed_logits, expected) <= TOL
-
-
-def test_activation_checkpointing_gives_the_same_gradients(seed):
-    results = []
-    for enabled in (False, True):
-        model, case = tiny_model(seed, activation_checkpointing=enabled)
-        model.train()
-        ids, pixels = mllm_inputs(case, seed)
-        model(ids, pixels).float().logsumexp(-1).mean().backward()
-        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name, grad in results[0].items():
-        assert torch.allclose(grad, results[1][name], rtol=1e-5, atol=1e-7), name
 
 
 def test_bf16_autocast_is_close_to_fp32(seed):

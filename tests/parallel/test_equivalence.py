@@ -8,21 +8,23 @@ import torch.distributed as dist
 
 from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
 from pivot_mega.models import VisionLanguageModel
-from pivot_mega.parallel import MicroBatch, ParallelConfig, build_mesh, lm_loss, parallelize
+from pivot_mega.batch import MicroBatch, PackedSeqs, Targets
+from pivot_mega.parallel import ParallelConfig, build_mesh, lm_loss, parallelize
 from tests.distributed import require_procs, run_workers
 
 STEPS, ROWS, SEQLEN = 3, 4, 24
 TOL = 1e-5
 
 
-def tiny_config(kv_heads=2, tie=True, activation_checkpointing=False) -> ModelConfig:
+def tiny_config(kv_heads=2, tie=True, activation_checkpointing=False, checkpoint_every=1) -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                             image_size=16, patch_size=8, select_layer=-2),
         language=LanguageConfig(vocab_size=64, hidden_size=32, intermediate_size=56, num_hidden_layers=4,
                                 num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=10000.0,
                                 max_position_embeddings=128, tie_word_embeddings=tie),
-        image_token_id=63, attention="sdpa", activation_checkpointing=activation_checkpointing)
+        image_token_id=63, attention="sdpa", activation_checkpointing=activation_checkpointing,
+        checkpoint_every=checkpoint_every)
 
 
 def make_batch(config: ModelConfig, seed: int, step: int):
@@ -59,7 +61,7 @@ def split(batch, rows: slice, n_micro: int) -> list[MicroBatch]:
     for k in range(n_micro):
         r = row_ids[k * step:(k + 1) * step]
         pix = pixels[starts[r[0]]:starts[r[-1] + 1]]
-        out.append(MicroBatch(ids[r], positions[r], pix, labels[r]))
+        out.append(MicroBatch(ids[r], PackedSeqs.from_position_ids(positions[r]), Targets.from_dense(labels[r]), pix))
     return out
 
 
@@ -71,12 +73,8 @@ def reference_run(config: ModelConfig, seed: int):
         batch = make_batch(config, seed, step)
         total = int((batch[3] != -100).sum())
         (mb,) = split(batch, slice(0, ROWS), 1)
-        from pivot_mega.models.layers import PackedSeqs
-
-        packed = PackedSeqs.from_position_ids(mb.position_ids)
-        hidden = model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
-                       return_hidden=True)
-        loss = lm_loss(hidden, model.language.head_weight, mb.labels, total)
+        hidden = model(mb.input_ids, mb.images, packed=mb.packed, return_hidden=True)
+        loss = lm_loss(hidden, model.language.head_weight, mb.targets, total)
         loss.backward()
         losses.append(loss.item())
         if step == 0:
@@ -107,7 +105,7 @@ def _parallel_worker(rank, world_size, parallel: ParallelConfig, config: ModelCo
         batch = make_batch(config, seed, step)
         total = int((batch[3] != -100).sum())
         micro = split(batch, slice(dp_rank * rows, (dp_rank + 1) * rows), n_micro)
-        loss = pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total, dp))
+        loss = pmodel.forward_backward(micro, lambda h, w, mb: lm_loss(h, w, mb.targets, total, dp)).loss
         losses.append((_reduce_over_dp(loss.clone(), dims) / dp).item())
         if step == 0:
             for name, param in pmodel.named_parameters():
@@ -140,6 +138,8 @@ LAYOUTS = {
                                   sequence_parallel=True, microbatches=2), {}),
     "tp2-fsdp2": (4, ParallelConfig(tensor_model_parallel_size=2), {}),
     "pp2-fsdp2": (4, ParallelConfig(pipeline_model_parallel_size=2, microbatches=2), {"tie": False}),
+    "pp2-fsdp2-checkpointed-every-2": (4, ParallelConfig(pipeline_model_parallel_size=2, microbatches=2),
+                                       {"tie": False, "activation_checkpointing": True, "checkpoint_every": 2}),
 }
 
 

@@ -10,10 +10,11 @@ from PIL import Image
 
 from pivot_mega.config import load_yaml
 from pivot_mega.data.shards import BuildOptions, build_shards
+from pivot_mega.presets import model_preset_path
 from tests.data.helpers import dpo_rows, image_token_id, llava_rows, make_tokenizer, write_images, write_json
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = REPO / "examples" / "configs" / "model_tiny.yaml"
+TINY_MODEL = model_preset_path("tiny")
 
 # The toy task: the chosen answer names the colour that fills the image.
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

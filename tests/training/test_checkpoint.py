@@ -35,7 +35,7 @@ def _train(pmodel, optimizer, config, seed, steps, scheduler=None) -> list[float
         batch = make_batch(config, seed, step)
         total = int((batch[3] != -100).sum())
         micro = split(batch, slice(dims.dp_rank * rows, (dims.dp_rank + 1) * rows), dims.config.microbatches)
-        loss = pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total, dp))
+        loss = pmodel.forward_backward(micro, lambda h, w, mb: lm_loss(h, w, mb.targets, total, dp)).loss
         losses.append((_reduce_over_dp(loss.clone(), dims) / dp).item())
         optimizer.step()
         optimizer.zero_grad()

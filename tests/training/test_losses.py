@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from pivot_mega.config import ConfigError, from_dict
-from pivot_mega.training import (DPOConfig, RunningRewardMean, dpo_loss, global_mean, sequence_logprob_sums,
-                                 sft_loss)
+from pivot_mega.parallel import global_scale
+from pivot_mega.training import DPOConfig, RunningRewardMean, dpo_loss, sequence_logprob_sums
 from tests.distributed import require_procs, run_workers
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # max abs error / max |reference|
@@ -200,16 +200,16 @@ def test_sequence_logprob_sums_names_bad_inputs():
         sequence_logprob_sums(lp, torch.zeros(5), 4)
 
 
-def test_sft_loss_is_mean_nll_over_the_global_batch(seed):
+def test_global_scale_gives_the_mean_nll_over_the_global_batch(seed):
     gen = torch.Generator().manual_seed(seed)
     token_lp = -3 * torch.rand(40, generator=gen, dtype=torch.float64)
     # One rank's 40 tokens of a global batch of 100 tokens over 4 data-parallel ranks.
-    got = sft_loss(token_lp, num_global_tokens=100, dp_size=4)
+    got = -token_lp.sum() * global_scale(100, dp_size=4)
     want = sum(-x for x in token_lp.tolist()) / 100 * 4
     assert abs(got.item() - want) <= 1e-12 * abs(want)
-    assert global_mean(torch.ones(3), 6).item() == 0.5
+    assert (torch.ones(3).sum() * global_scale(6)).item() == 0.5
     with pytest.raises(ValueError, match="global_count must be > 0, got 0"):
-        sft_loss(token_lp, 0)
+        global_scale(0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pivot_mega.config import ConfigError, from_dict
 from pivot_mega.models import VisionLanguageModel
-from pivot_mega.models.layers import PackedSeqs
 from pivot_mega.parallel import ParallelConfig, build_mesh, lm_loss, parallelize
 from pivot_mega.training import (TOWERS, OptimConfig, apply_trainable, build_optimizer, build_scheduler,
                                  clip_grad_norm_, param_groups, tied_embedding_copies)
@@ -42,10 +41,8 @@ def reference_adamw(named_params: dict, config: OptimConfig) -> torch.optim.Adam
 def single_process_backward(model: VisionLanguageModel, seed: int) -> None:
     batch = make_batch(model.config, seed, 0)
     (mb,) = split(batch, slice(0, ROWS), 1)
-    packed = PackedSeqs.from_position_ids(mb.position_ids)
-    hidden = model(mb.input_ids, mb.pixel_values, position_ids=mb.position_ids, cu_seqlens=packed.cu_seqlens,
-                   return_hidden=True)
-    lm_loss(hidden, model.language.head_weight, mb.labels, int((batch[3] != -100).sum())).backward()
+    hidden = model(mb.input_ids, mb.images, packed=mb.packed, return_hidden=True)
+    lm_loss(hidden, model.language.head_weight, mb.targets, int((batch[3] != -100).sum())).backward()
 
 
 def max_rel_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
@@ -361,7 +358,7 @@ def _layouts_worker(rank, world_size, names, seed):
         total, dp = int((batch[3] != -100).sum()), dims.layout.dp
         rows = ROWS // dp
         micro = split(batch, slice(dims.dp_rank * rows, (dims.dp_rank + 1) * rows), parallel.microbatches)
-        pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total, dp))
+        pmodel.forward_backward(micro, lambda h, w, mb: lm_loss(h, w, mb.targets, total, dp))
         pp_group = dims.pp_group if dims.layout.pp > 1 else None
         tied = tied_embedding_copies(pmodel)
         subset_norms = {subset: clip_grad_norm_([p for n, p in pmodel.named_parameters() if _in_subset(n, subset)],

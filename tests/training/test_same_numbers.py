@@ -85,15 +85,27 @@ def test_runs_give_the_recorded_numbers(tmp_path, name):
         assert not wrong, (name, got["step"], wrong)
 
 
-if __name__ == "__main__":  # python -m tests.training.test_same_numbers --write [names...]
+if __name__ == "__main__":  # python -m tests.training.test_same_numbers --write|--check [names...]
     import tempfile
 
-    if sys.argv[1:2] != ["--write"]:
-        sys.exit("usage: python -m tests.training.test_same_numbers --write [run names]")
+    if sys.argv[1:2] not in (["--write"], ["--check"]):
+        sys.exit("usage: python -m tests.training.test_same_numbers --write|--check [run names]\n"
+                 "  --write records the runs; --check compares them with the record bit for bit")
     names = sys.argv[2:] or sorted(RUNS)
     record = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+    different = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            record[name] = run(name, Path(tmp) / name)
-            print(name, [row["loss"] for row in record[name]])
-    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            rows = run(name, Path(tmp) / name)
+            if sys.argv[1] == "--write":
+                record[name] = rows
+                print(name, [row["loss"] for row in rows])
+                continue
+            diffs = [(row["step"], key, want[key], row.get(key)) for row, want in zip(rows, record[name])
+                     for key in want if row.get(key) != want[key]]
+            if len(rows) != len(record[name]) or diffs:
+                different.append(name)
+            print(name, "bit for bit" if name not in different else f"differs: {diffs[:5]}", flush=True)
+    if sys.argv[1] == "--write":
+        RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    sys.exit(1 if different else 0)

@@ -96,7 +96,7 @@ def test_precomputed_reference_gives_the_online_losses(tmp_path):
     # A pair the file lacks is an error that names it.
     del table["pairs"]["dpo-3"]
     (tmp_path / "pre" / "reference_logps.json").write_text(json.dumps(table))
-    from pivot_mega.training.steps import ReferenceError
+    from pivot_mega.training.reference import ReferenceError
     with pytest.raises(ReferenceError, match="dpo-3"):
         train(config, f"train.out_dir={tmp_path / 'pre2'}", "dpo.reference=precomputed",
               f"dpo.reference_logps={tmp_path / 'pre' / 'reference_logps.json'}", "train.max_steps=12")

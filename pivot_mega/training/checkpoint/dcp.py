@@ -24,7 +24,7 @@ the same; with another world size they are left as the new run seeded them.
 
 Trust: shards, optimizer hyper-parameters and rank files are read with ``weights_only=True``, but
 DCP's own ``.metadata`` is a pickle. Resume only from checkpoints of runs you trust; models are
-shared as portable safetensors checkpoints (``export_model``).
+shared as portable safetensors checkpoints (``portable.export_model``).
 
 Writers: every rank writes into the one directory (a shared file system across nodes, as DCP's
 FileSystemWriter expects); rank 0 alone removes, renames and prunes. A save removes a stale ``.tmp`` of the step it is
@@ -34,19 +34,15 @@ belong to an asynchronous save still running or to another process writing into 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pickle
-import random
 import re
 import shutil
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -56,11 +52,14 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.tensor import DTensor
 
-from ..config import ModelConfig
-from ..models.checkpoint_io import CheckpointError, check_tensors, expected_shapes, read_checkpoint, write_checkpoint
-from ..parallel import ParallelModel, copy_full_value
+from ...config import ModelConfig
+from ...models.checkpoint_files import CheckpointError, check_tensors
+from ...models.checkpoint_io import expected_shapes
+from ...parallel import ParallelModel
+from .ranks import (raise_if_any_rank_failed, rank, rng_state, run_on_rank0, set_rng_state, single_process_quiet,
+                    world_size, write_text_atomic)
+from .stages import model_config, rank_module
 
 FORMAT_NAME = "pivot_mega.training_checkpoint"
 FORMAT_VERSION = 1
@@ -118,14 +117,14 @@ class PendingSave:
         if self._group is not None:
             dist.destroy_process_group(self._group)
             self._group = None
-        _raise_if_any_rank_failed(error)
-        _run_on_rank0(self._commit)
+        raise_if_any_rank_failed(error)
+        run_on_rank0(self._commit)
         self._complete = True
         return self.path
 
     def _commit(self) -> None:
         """Manifest last into the temp dir, rename it into place, point ``latest`` at it, prune."""
-        _write_text_atomic(self.tmp / MANIFEST_FILE, self._manifest_text)
+        write_text_atomic(self.tmp / MANIFEST_FILE, self._manifest_text)
         if self.path.exists():  # the same step saved before (a resume from an earlier checkpoint)
             replaced = self.path.with_name(self.path.name + ".replaced")
             shutil.rmtree(replaced, ignore_errors=True)
@@ -134,7 +133,7 @@ class PendingSave:
             shutil.rmtree(replaced)
         else:
             os.rename(self.tmp, self.path)
-        _write_text_atomic(self.root / LATEST_FILE, self.path.name + "\n")
+        write_text_atomic(self.root / LATEST_FILE, self.path.name + "\n")
         prune_checkpoints(self.root, keep_last=self._keep_last, keep=self.path)
 
 
@@ -154,42 +153,42 @@ def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelMo
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(out_dir) / CHECKPOINTS_DIR
     tmp = _in_progress(root / checkpoint_name(step))
-    rank = _rank()
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step, "world_size": _world_size(),
+    this_rank = rank()
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step, "world_size": world_size(),
                 "layout": dataclasses.asdict(pmodel.dims.layout) if isinstance(pmodel, ParallelModel) else None,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None}
     # As text now: what an asynchronous save writes later is the state of this step.
     texts, errors = {}, []
     for key, value, what in (("manifest", manifest, "the scheduler's state_dict"),
                              ("config", config_dict or {}, "config_dict"),
-                             ("extra", extra_state or {}, f"extra_state of rank {rank}")):
+                             ("extra", extra_state or {}, f"extra_state of rank {this_rank}")):
         try:
             texts[key] = json.dumps(value, indent=2) + "\n"
         except (TypeError, ValueError) as e:
             errors.append(f"{what} must be JSON-able: {e}")
-    _raise_if_any_rank_failed("; ".join(errors) or None)
+    raise_if_any_rank_failed("; ".join(errors) or None)
 
     def prepare() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)  # a crashed attempt at this step
         (tmp / RANK_STATE_DIR).mkdir(parents=True)
-        _write_text_atomic(tmp / RUN_CONFIG_FILE, texts["config"])
-    _run_on_rank0(prepare)
+        write_text_atomic(tmp / RUN_CONFIG_FILE, texts["config"])
+    run_on_rank0(prepare)
 
     error = None
     try:
-        stem = tmp / RANK_STATE_DIR / f"rank_{rank:05d}"
-        torch.save(_rng_state(), stem.with_suffix(".pt"))
-        _write_text_atomic(stem.with_suffix(".json"), texts["extra"])
+        stem = tmp / RANK_STATE_DIR / f"rank_{this_rank:05d}"
+        torch.save(rng_state(), stem.with_suffix(".pt"))
+        write_text_atomic(stem.with_suffix(".json"), texts["extra"])
     except OSError as e:
         error = f"cannot write {tmp / RANK_STATE_DIR}: {e}"
-    _raise_if_any_rank_failed(error)
+    raise_if_any_rank_failed(error)
 
     state = _dcp_state(pmodel, optimizer if _holds_parameters(optimizer) else None)
     writer = dcp.FileSystemWriter(tmp)
     if not async_save:
-        with _single_process_quiet():
-            dcp.save(state, storage_writer=writer, no_dist=_world_size() == 1)
+        with single_process_quiet():
+            dcp.save(state, storage_writer=writer, no_dist=world_size() == 1)
         pending = PendingSave(root, step, texts["manifest"], keep_last)
         pending.wait()
         return pending
@@ -290,14 +289,14 @@ def load_checkpoint(directory: str | os.PathLike, *, pmodel: ParallelModel | nn.
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     state = _dcp_state(pmodel, optimizer if _holds_parameters(optimizer) else None)
-    _check_fits(directory, metadata, state, _model_config(pmodel))
+    _check_fits(directory, metadata, state, model_config(pmodel))
     if scheduler is not None and manifest.get("scheduler") is None:
         raise CheckpointError(f"{directory / MANIFEST_FILE}: holds no scheduler state, but a scheduler was given")
 
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory), planner=_WeightsOnlyLoadPlanner(),
-                 no_dist=_world_size() == 1)
-    module = _rank_module(pmodel)
+                 no_dist=world_size() == 1)
+    module = rank_module(pmodel)
     if not _holds_parameters(optimizer):
         set_model_state_dict(module, state["model"])
     else:
@@ -306,17 +305,17 @@ def load_checkpoint(directory: str | os.PathLike, *, pmodel: ParallelModel | nn.
     if scheduler is not None:
         scheduler.load_state_dict(manifest["scheduler"])
 
-    stem = directory / RANK_STATE_DIR / f"rank_{_rank():05d}"
-    rng_restored = restore_rng and manifest["world_size"] == _world_size()
+    stem = directory / RANK_STATE_DIR / f"rank_{rank():05d}"
+    rng_restored = restore_rng and manifest["world_size"] == world_size()
     extra_state, error = None, None
     try:
         if stem.with_suffix(".json").is_file():
             extra_state = json.loads(stem.with_suffix(".json").read_text())
         if rng_restored:
-            _set_rng_state(torch.load(stem.with_suffix(".pt"), weights_only=True))
+            set_rng_state(torch.load(stem.with_suffix(".pt"), weights_only=True))
     except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
-        error = f"{directory}: cannot restore rank {_rank()}'s state from {stem}.pt / .json ({type(e).__name__}: {e})"
-    _raise_if_any_rank_failed(error)
+        error = f"{directory}: cannot restore rank {rank()}'s state from {stem}.pt / .json ({type(e).__name__}: {e})"
+    raise_if_any_rank_failed(error)
     config_path = directory / RUN_CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return LoadedCheckpoint(directory=directory, step=int(manifest["step"]), config=config, extra_state=extra_state,
@@ -384,7 +383,7 @@ def _check_fits(directory: Path, metadata: Metadata, state: dict, config: ModelC
         shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
                                           if len(problems) > _MAX_LISTED else [])
         error = f"{directory} does not fit this run's optimizer:\n  " + "\n  ".join(shown)
-    _raise_if_any_rank_failed(error)
+    raise_if_any_rank_failed(error)
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -400,164 +399,7 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
 
 # ----------------------------------------------------------------------------------------------
-# portable model checkpoints (safetensors): init_from and export
-
-
-def load_model_weights(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike) -> None:
-    """Loads a portable checkpoint (``pivot-mega convert import-hf``, ``export_model``) into a
-    parallelised model: rank 0 reads and checks it, each tensor is broadcast and every rank keeps its
-    shard. Call on all ranks."""
-    directory = Path(directory)
-    config = _model_config(pmodel)
-    tensors: dict[str, torch.Tensor] = {}
-    manifest = None
-    error = None
-    if _rank() == 0:
-        try:
-            _, tensors, _ = read_checkpoint(directory)
-            check_tensors(tensors, expected_shapes(config), f"{directory} does not fit this run's model")
-            manifest = [(name, tuple(tensor.shape), tensor.dtype) for name, tensor in sorted(tensors.items())]
-        except Exception as e:  # noqa: BLE001 - the other ranks must hear of any failure
-            error = _describe(e)
-    manifest = _broadcast_from_rank0(manifest, error)
-    targets: dict[str, list[torch.Tensor]] = {}
-    for module in _modules(pmodel):
-        for name, tensor in module.state_dict(keep_vars=True).items():
-            targets.setdefault(name, []).append(tensor)
-    device = _comm_device(pmodel)
-    with torch.no_grad():
-        for name, shape, dtype in manifest:
-            full = tensors[name].to(device) if _rank() == 0 else torch.empty(shape, dtype=dtype, device=device)
-            if _world_size() > 1:
-                dist.broadcast(full, src=0)
-            for target in targets.get(name, []):
-                _copy_full_value(name, target, full)
-
-
-def export_model(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike,
-                 unused_vision: dict[str, torch.Tensor] | None = None) -> Path:
-    """Writes the model as a portable checkpoint (``VisionLanguageModel.from_checkpoint``,
-    ``pivot-mega convert export-hf``). Every rank gathers its stage's full tensors; one rank per
-    pipeline stage sends them to rank 0, which writes. Call on all ranks."""
-    directory = Path(directory)
-    config = _model_config(pmodel)
-    sender = not isinstance(pmodel, ParallelModel) or (pmodel.dims.dp_rank == 0 and pmodel.dims.tp_rank == 0)
-    local: dict[str, torch.Tensor] = {}
-    for module in _modules(pmodel):
-        for name, tensor in module.state_dict().items():
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective over its mesh
-            if sender:
-                local[name] = full.detach().cpu()
-    copies = _gather_on_rank0(local if sender else {}, _comm_device(pmodel))
-
-    def write() -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for rank, received in copies:
-            for name, tensor in received.items():
-                if name in tensors and not torch.equal(tensors[name], tensor):
-                    diff = (tensors[name].float() - tensor.float()).abs().max().item()
-                    raise CheckpointError(f"export to {directory}: the copies of {name} held by two pipeline stages "
-                                          f"differ (rank {rank}'s by up to {diff:.3e}); tied weights out of sync")
-                tensors.setdefault(name, tensor)
-        write_checkpoint(directory, config, tensors, unused_vision=unused_vision)
-    _run_on_rank0(write)
-    return directory
-
-
-def _gather_on_rank0(tensors: dict[str, torch.Tensor], device: torch.device) -> list[tuple[int, dict]]:
-    """→ on rank 0, (rank, tensors) of every rank that has some (tensors sent one by one, not pickled);
-    elsewhere []."""
-    if _world_size() == 1:
-        return [(0, tensors)]
-    specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
-    gathered = [None] * _world_size() if _rank() == 0 else None
-    dist.gather_object(specs, gathered, dst=0)
-    if _rank() != 0:
-        for tensor in tensors.values():
-            dist.send(tensor.to(device).contiguous(), dst=0)
-        return []
-    result = [(0, tensors)]
-    for src, src_specs in enumerate(gathered[1:], start=1):
-        received = {}
-        for name, shape, dtype in src_specs:
-            buffer = torch.empty(shape, dtype=dtype, device=device)
-            dist.recv(buffer, src=src)
-            received[name] = buffer.cpu()
-        if received:
-            result.append((src, received))
-    return result
-
-
-def _copy_full_value(name: str, target: torch.Tensor, full: torch.Tensor) -> None:
-    if tuple(target.shape) != tuple(full.shape):
-        raise CheckpointError(f"tensor {name} of shape {list(full.shape)} cannot fill a parameter of shape "
-                              f"{list(target.shape)}")
-    copy_full_value(target, full)
-
-
-# ----------------------------------------------------------------------------------------------
-# the rank's model as one module
-
-
-def _modules(pmodel: ParallelModel | nn.Module) -> list[nn.Module]:
-    return pmodel.modules if isinstance(pmodel, ParallelModel) else [pmodel]
-
-
-def _model_config(pmodel: ParallelModel | nn.Module) -> ModelConfig:
-    return _modules(pmodel)[0].config
-
-
-def _comm_device(pmodel: ParallelModel | nn.Module) -> torch.device:
-    if isinstance(pmodel, ParallelModel) and pmodel.dims.device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return next(_modules(pmodel)[0].parameters()).device
-
-
-def _rank_module(pmodel: ParallelModel | nn.Module) -> nn.Module:
-    """One module holding every parameter of this rank under the full model's names.
-
-    With several pipeline stages on a rank (interleaved schedules) their trees are joined into a view
-    that shares the stages' submodules, so one optimizer over all of them maps to parameter names.
-    """
-    modules = _modules(pmodel)
-    if len(modules) == 1:
-        return modules[0]
-    view = _StagesView()
-    for module in modules:
-        _graft(view, module, "")
-    return view
-
-
-class _StagesView(nn.Module):
-    """Joins the module trees of several pipeline stages; holds no tensors of its own."""
-
-
-def _graft(target: nn.Module, source: nn.Module, prefix: str) -> None:
-    """Adds ``source``'s children to ``target``; a path both hold becomes a view of both."""
-    for name, child in source._modules.items():
-        if child is None:
-            continue
-        existing = target._modules.get(name)
-        if existing is None:
-            target.add_module(name, child)
-            continue
-        if existing is child:
-            continue
-        if not isinstance(existing, _StagesView):
-            _require_no_own_tensors(existing, prefix + name)
-            view = _StagesView()
-            _graft(view, existing, f"{prefix}{name}.")
-            target._modules[name] = existing = view
-        _require_no_own_tensors(child, prefix + name)
-        _graft(existing, child, f"{prefix}{name}.")
-
-
-def _require_no_own_tensors(module: nn.Module, path: str) -> None:
-    own = [name for name, _ in module.named_parameters(recurse=False)] + \
-          [name for name, _ in module.named_buffers(recurse=False)]
-    if own:
-        raise CheckpointError(f"two pipeline stages on this rank hold module {path}, which has tensors of its own "
-                              f"({own}): one name cannot stand for two copies in a checkpoint")
+# the state DCP writes and reads
 
 
 def _holds_parameters(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -567,114 +409,8 @@ def _holds_parameters(optimizer: torch.optim.Optimizer | None) -> bool:
 
 
 def _dcp_state(pmodel: ParallelModel | nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    module = _rank_module(pmodel)
+    module = rank_module(pmodel)
     if optimizer is None:
         return {"model": get_model_state_dict(module)}
     model_state, optimizer_state = get_state_dict(module, optimizer, options=_STATE_DICT_OPTIONS)
     return {"model": model_state, "optimizer": optimizer_state}
-
-
-# ----------------------------------------------------------------------------------------------
-# RNG
-
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state(legacy=False)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        # As tensors and plain values, so that torch.load(weights_only=True) reads them back.
-        "numpy": {"bit_generator": numpy_state["bit_generator"],
-                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
-                  "gauss": float(numpy_state["gauss"])},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state({"bit_generator": numpy_state["bit_generator"],
-                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------
-# ranks agreeing on errors (a rank that raised alone would leave the others in a collective)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _raise_if_any_rank_failed(error: str | None) -> None:
-    """Every rank raises the same CheckpointError if any rank has an error (a barrier otherwise)."""
-    errors = [error]
-    if dist.is_initialized() and _world_size() > 1:
-        errors = [None] * _world_size()
-        dist.all_gather_object(errors, error)
-    failed = {}
-    for rank, message in enumerate(errors):
-        if message is not None:
-            failed.setdefault(message, []).append(rank)
-    if failed:
-        raise CheckpointError("\n".join(message if len(errors) == 1 else f"rank(s) {ranks}: {message}"
-                                        for message, ranks in failed.items()))
-
-
-def _run_on_rank0(fn) -> None:
-    """Runs ``fn`` on rank 0; its error, if any, is raised on every rank."""
-    error, cause = None, None
-    if _rank() == 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - the other ranks must hear of any failure
-            error, cause = _describe(e), e
-    try:
-        _broadcast_from_rank0(None, error)
-    except CheckpointError as e:
-        raise e from cause
-
-
-def _broadcast_from_rank0(value, error: str | None):
-    """→ rank 0's ``value`` on every rank, or rank 0's ``error`` raised on every rank."""
-    if dist.is_initialized() and _world_size() > 1:
-        box = [(value, error)]
-        dist.broadcast_object_list(box, src=0)
-        value, error = box[0]
-    if error is not None:
-        raise CheckpointError(error)
-    return value
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns whenever it runs without collectives; with one process that is what is meant."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def _describe(error: Exception) -> str:
-    return str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to a side file, flush to disk, rename over ``path``: readers see the old or the new text."""
-    side = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(side, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(side, path)

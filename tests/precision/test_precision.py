@@ -14,12 +14,11 @@ from torch import nn
 
 from pivot_mega.config import ConfigError, LanguageConfig, ModelConfig, VisionConfig, from_dict
 from pivot_mega.models import VisionLanguageModel
-from pivot_mega.models import precision as prec
-from pivot_mega.models.precision import (PrecisionConfig, PrecisionUnavailableError, apply_precision,
-                                         check_precision, convert_to_te, float8_module_filter,
-                                         precision_autocast)
+from pivot_mega.precision import (PrecisionConfig, PrecisionUnavailableError, apply_precision, check_precision,
+                                  convert_to_te, float8_module_filter, precision_autocast)
+from pivot_mega.precision import policy as prec
 from tests.distributed import require_procs, run_workers
-from tests.models.fake_te import FakeRecipe, fake_te
+from tests.precision.fake_te import FakeRecipe, fake_te
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -216,7 +215,8 @@ def test_float8_training_tracks_fp32(recipe, seed):
 
 
 def _float8_parallel_worker(rank, world_size, parallel, config, seed):
-    from pivot_mega.parallel import MicroBatch, build_mesh, lm_loss, parallelize
+    from pivot_mega.batch import MicroBatch, PackedSeqs, Targets
+    from pivot_mega.parallel import build_mesh, lm_loss, parallelize
 
     dims = build_mesh(parallel, config, device_type="cpu")
     with torch.device("meta"):
@@ -227,8 +227,9 @@ def _float8_parallel_worker(rank, world_size, parallel, config, seed):
     total = int((labels != -100).sum())
     rows = slice(dims.dp_rank * 4 // dims.layout.dp, (dims.dp_rank + 1) * 4 // dims.layout.dp)
     positions = torch.arange(32).expand(4, 32)
-    micro = [MicroBatch(ids[rows], positions[rows], pixels[rows], labels[rows])]
-    loss = pmodel.forward_backward(micro, lambda h, w, y: lm_loss(h, w, y, total, dims.layout.dp))
+    micro = [MicroBatch(ids[rows], PackedSeqs.from_position_ids(positions[rows]), Targets.from_dense(labels[rows]),
+                        pixels[rows])]
+    loss = pmodel.forward_backward(micro, lambda h, w, mb: lm_loss(h, w, mb.targets, total, dims.layout.dp)).loss
     if dims.layout.dp > 1:  # each rank's loss is scaled by dp (see lm_loss): the mean over ranks is the loss
         torch.distributed.all_reduce(loss)
         loss /= dims.layout.dp
@@ -250,6 +251,7 @@ def test_float8_composes_with_tp_and_fsdp(layout, seed):
     Tolerance 1e-4 of the largest gradient: the ranks' fp32 sums run in another order, and a value that
     lands next to an FP8 rounding boundary can round the other way, moving one element by one FP8
     step (seed 1926522976: 5.2e-5 on an o_proj weight gradient under TP)."""
+    from pivot_mega.batch import Targets
     from pivot_mega.parallel import ParallelConfig, lm_loss
 
     config = fp8_config()
@@ -261,7 +263,7 @@ def test_float8_composes_with_tp_and_fsdp(layout, seed):
     loss = 0.0
     for rows in ([slice(0, 4)] if layout == "tp2" else [slice(0, 2), slice(2, 4)]):
         hidden = model(ids[rows], pixels[rows], return_hidden=True)
-        micro_loss = lm_loss(hidden, model.language.head_weight, labels[rows], total)
+        micro_loss = lm_loss(hidden, model.language.head_weight, Targets.from_dense(labels[rows]), total)
         micro_loss.backward()
         loss += micro_loss.item()
     results = run_workers(_float8_parallel_worker, 2, parallel, config, seed)

@@ -1,0 +1,346 @@
+"""The batch contract: one micro-batch type from the loader to the loss, made once and read as is.
+
+    batch = loader_micro_batch.to(device)        # data.packing builds it, the trainer moves it
+    hidden = model(batch.input_ids, batch.images, packed=batch.packed, image_index=batch.image_index,
+                   return_hidden=True)
+    logprobs = token_logprobs(hidden, head_weight, batch.targets)      # [M], fused, vocab-parallel
+
+``PackedSeqs`` says who attends to whom in a packed ``[R, S]`` batch: segments (cu_seqlens, as
+flash-attn's varlen convention), positions, and optionally a prefix per segment: a segment with a
+prefix also attends to that earlier segment of its row (a shared-prefix tree: ``prefix | chosen |
+rejected``, each branch seeing the prefix and itself, never its sibling) and its positions continue
+from the prefix's. Each attention backend turns this one description into its own form: a dense
+mask (SDPA), a mask function (flex_attention), q/k cu_seqlens (varlen kernels).
+
+``Targets`` are what the loss predicts: M (position, token) pairs over the flattened batch with the
+sequence (response) each belongs to. One hidden state may predict several tokens, which a
+shared-prefix pair needs: its last prefix position predicts both branches' first tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+IGNORE_INDEX = -100  # a label that trains nothing (the convention of HF and torch's cross entropy)
+
+
+def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if tensor is None or tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSeqs:
+    """Layout of a packed ``[R, S]`` batch, made once (by the loader, or a caller) and handed down.
+
+    cu_seqlens: int32 ``[K + 1]`` segment boundaries over the flattened ``R * S`` tokens, from 0 to
+        ``R * S``; every row boundary is a segment boundary.
+    max_seqlen: the longest segment (a Python int, so kernels need no device sync).
+    position_ids: int64 ``[R, S]``: 0 at a segment's first token, or the prefix's length for a
+        segment with a prefix.
+    segment_ids: int64 ``[R, S]``: the segment of each token.
+    prefix: int64 ``[K]``, or None when no segment has one: the segment each segment's tokens also
+        attend to (-1: none). A prefix comes earlier in the same row and has no prefix itself.
+    prefix_ids: int64 ``[R, S]`` (with ``prefix``): the prefix segment of each token's segment, -1.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    prefix: torch.Tensor | None = None
+    prefix_ids: torch.Tensor | None = None
+
+    @staticmethod
+    def from_lengths(lengths: list[list[int]] | list[int], prefix: list[int] | None = None,
+                     device: torch.device | str | None = None) -> "PackedSeqs":
+        """The layout of rows of segments of these lengths (rows must be equally long).
+
+        ``prefix``: for each segment (flattened, row-major), the index of its prefix segment or -1.
+        """
+        rows = [lengths] if lengths and isinstance(lengths[0], int) else lengths
+        flat = [n for row in rows for n in row]
+        if not flat or any(n <= 0 for n in flat):
+            raise ValueError(f"segment lengths must be positive, got {rows}")
+        if len({sum(row) for row in rows}) != 1:
+            raise ValueError(f"rows of a packed batch must have equal length, got {rows}")
+        seqlen = sum(rows[0])
+        row_of = [r for r, row in enumerate(rows) for _ in row]
+        starts = [0]
+        for n in flat:
+            starts.append(starts[-1] + n)
+        first_position = [0] * len(flat)
+        if prefix is not None:
+            if len(prefix) != len(flat):
+                raise ValueError(f"prefix names {len(prefix)} segments, the layout has {len(flat)}")
+            for k, p in enumerate(prefix):
+                if p < 0:
+                    continue
+                if not (p < k and row_of[p] == row_of[k] and prefix[p] < 0):
+                    raise ValueError(f"segment {k}'s prefix {p} must be an earlier segment of the same row "
+                                     f"without a prefix of its own")
+                first_position[k] = flat[p]
+            if all(p < 0 for p in prefix):
+                prefix = None
+        segment = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor(flat))
+        offset = torch.tensor(first_position) - torch.tensor(starts[:-1])
+        positions = torch.arange(len(segment)) + offset[segment]
+        cu = torch.tensor(starts, dtype=torch.int32)
+        shape = (len(rows), seqlen)
+        prefix_tensor = prefix_ids = None
+        if prefix is not None:
+            prefix_tensor = torch.tensor(prefix, dtype=torch.int64)
+            prefix_ids = prefix_tensor[segment].view(shape)
+        packed = PackedSeqs(cu, max(flat), positions.view(shape), segment.view(shape), prefix_tensor, prefix_ids)
+        return packed.to(device) if device is not None else packed
+
+    @staticmethod
+    def from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> "PackedSeqs":
+        """The layout of flash-attn-style ``cu_seqlens`` over a flattened ``[batch, seqlen]`` batch
+        (checked: from 0 to ``batch * seqlen``, increasing, no segment across a row boundary)."""
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        total = batch * seqlen
+        if not cu or cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"cu_seqlens must run from 0 to B*S={total}, got {cu}")
+        if any(b <= a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu}")
+        if not set(range(seqlen, total + 1, seqlen)) <= set(cu):
+            raise ValueError(f"a segment crosses a row boundary: cu_seqlens {cu}, row length {seqlen}")
+        rows = [[b - a for a, b in zip(cu, cu[1:]) if r * seqlen <= a < (r + 1) * seqlen] for r in range(batch)]
+        return PackedSeqs.from_lengths(rows, device=cu_seqlens.device)
+
+    @staticmethod
+    def from_position_ids(position_ids: torch.Tensor) -> "PackedSeqs":
+        """The layout of ``[R, S]`` positions that restart at 0 where each segment starts (every row
+        starts one); a plain batch (0..S-1 per row) is one segment per row. For callers that hold
+        positions only; the training path gets its layout from the loader."""
+        rows, seqlen = position_ids.shape
+        if bool((position_ids[:, 0] != 0).any()):
+            raise ValueError(f"packed position_ids must start every row at 0 (a new sample); got rows starting "
+                             f"with {position_ids[:, 0].tolist()}")
+        starts = (position_ids == 0).cpu()
+        lengths = []
+        for row in starts:
+            cuts = torch.nonzero(row).flatten().tolist() + [seqlen]
+            lengths.append([b - a for a, b in zip(cuts, cuts[1:])])
+        packed = PackedSeqs.from_lengths(lengths, device=position_ids.device)
+        if not torch.equal(packed.position_ids, position_ids.to(torch.int64)):
+            raise ValueError("position_ids must count 0, 1, 2, ... within each segment")
+        return packed
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def has_prefixes(self) -> bool:
+        return self.prefix is not None
+
+    def lengths(self) -> list[int]:
+        """Segment lengths (a host sync)."""
+        return self.cu_seqlens.diff().tolist()
+
+    def to(self, device: torch.device | str) -> "PackedSeqs":
+        device = torch.device(device)
+        return dataclasses.replace(self, **{f.name: _move(getattr(self, f.name), device)
+                                            for f in dataclasses.fields(self) if f.name != "max_seqlen"})
+
+    def attends(self, causal: bool) -> torch.Tensor:
+        """bool ``[R, S, S]``: query t of a row may attend to key u of the same row (the dense form)."""
+        seg = self.segment_ids
+        mask = seg[:, :, None] == seg[:, None, :]
+        if self.prefix_ids is not None:
+            mask = mask | (self.prefix_ids[:, :, None] == seg[:, None, :])
+        if causal:
+            seqlen = seg.shape[1]
+            mask = mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=seg.device).tril()
+        return mask
+
+    def mask_mod(self, causal: bool):
+        """flex_attention's ``mask_mod(b, h, q_idx, kv_idx)`` of the same rule as :meth:`attends`."""
+        seg, prefix_ids = self.segment_ids, self.prefix_ids
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = seg[b, q_idx] == seg[b, kv_idx]
+            if prefix_ids is not None:
+                keep = keep | (prefix_ids[b, q_idx] == seg[b, kv_idx])
+            return keep & (q_idx >= kv_idx) if causal else keep
+        return mask_mod
+
+    def select_rows(self, start: int, stop: int) -> "PackedSeqs":
+        """The layout of rows ``start:stop`` (a host sync; for tools and tests, not the training path)."""
+        seqlen = self.segment_ids.shape[1]
+        cu = self.cu_seqlens.tolist()
+        first, last = cu.index(start * seqlen), cu.index(stop * seqlen)
+        lengths = [cu[k + 1] - cu[k] for k in range(first, last)]
+        rows, row, filled = [], [], 0
+        for n in lengths:
+            row.append(n)
+            filled += n
+            if filled == seqlen:
+                rows.append(row)
+                row, filled = [], 0
+        prefix = None
+        if self.prefix is not None:
+            prefix = [p - first if p >= 0 else -1 for p in self.prefix[first:last].tolist()]
+        return PackedSeqs.from_lengths(rows, prefix, device=self.cu_seqlens.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """The tokens a micro-batch trains on: ``M`` predictions, in row-major order of their positions.
+
+    positions: int64 ``[M]``: flattened index ``r * S + t`` of the hidden state that predicts.
+    tokens: int64 ``[M]``: the token it predicts.
+    sequence: int64 ``[M]``: the sequence (response) each prediction belongs to, in
+        ``[0, num_sequences)``; DPO pair p of the micro-batch has sequences 2p (chosen), 2p + 1.
+    """
+
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    sequence: torch.Tensor
+    num_sequences: int
+
+    @staticmethod
+    def from_dense(targets: torch.Tensor, sequence_index: torch.Tensor | None = None,
+                   num_sequences: int | None = None) -> "Targets":
+        """From ``[R, S]`` next-token targets (IGNORE_INDEX: none) and, optionally, the ``[R, S]``
+        sequence of each position (default: all one sequence)."""
+        flat = targets.reshape(-1)
+        positions = torch.nonzero(flat != IGNORE_INDEX).flatten()
+        if sequence_index is None:
+            sequence = torch.zeros_like(positions)
+            num_sequences = 1 if num_sequences is None else num_sequences
+        else:
+            sequence = sequence_index.reshape(-1)[positions]
+            if num_sequences is None:
+                num_sequences = int(sequence.max()) + 1 if sequence.numel() else 0
+        return Targets(positions, flat[positions], sequence, num_sequences)
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def to(self, device: torch.device | str) -> "Targets":
+        device = torch.device(device)
+        return Targets(_move(self.positions, device), _move(self.tokens, device), _move(self.sequence, device),
+                       self.num_sequences)
+
+    def dense(self, shape: tuple[int, int]) -> torch.Tensor:
+        """``[R, S]`` targets, IGNORE_INDEX where nothing is predicted (one token per position)."""
+        out = torch.full((shape[0] * shape[1],), IGNORE_INDEX, dtype=torch.int64, device=self.tokens.device)
+        out[self.positions] = self.tokens
+        return out.view(shape)
+
+
+def next_token_targets(labels: torch.Tensor, packed: PackedSeqs, what: str = "batch") -> torch.Tensor:
+    """``labels [R, S]`` aligned with the input ids (label t is token t) → next-token targets
+    ``[R, S]``: position t predicts label t + 1 when token t + 1 continues t's segment.
+
+    A segment's first token cannot carry a label: nothing of its own comes before it.
+    """
+    starts = torch.zeros_like(labels, dtype=torch.bool).view(-1)
+    starts[packed.cu_seqlens[:-1].long()] = True
+    starts = starts.view(labels.shape)
+    if packed.has_prefixes:
+        raise NotImplementedError(f"{what}: next-token targets of a shared-prefix layout (a branch's first "
+                                  f"token is predicted from its prefix's last position)")
+    if bool((labels[starts] != IGNORE_INDEX).any()):
+        raise ValueError(f"{what}: a segment's first token carries a label; nothing before it can predict it")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(starts[:, 1:], IGNORE_INDEX, labels[:, 1:])
+    return targets
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch of one rank: the model's input, the loss's targets, and the data's counts.
+
+    input_ids: int64 ``[R, S]``, image runs expanded to ``num_image_tokens`` image tokens.
+    packed: who attends to whom, and the positions.
+    targets: what the loss predicts (next tokens inside each segment, labelled positions only).
+    images: float32 ``[U, 3, H, W]``, SigLIP-normalised distinct images (a DPO pair's image once).
+    image_index: int64 ``[N_runs]``: the image each image-token run shows, in reading order; None:
+        run k shows image k.
+    sample_ids: source id of each segment ('' for padding); segment_sample: int64 ``[K]`` sample
+        number of each segment (-1: padding); pair_segments: int64 ``[P, 2]`` (chosen, rejected)
+        segments of each DPO pair; image_refs: (sample number, tar member) of each image run.
+    num_*: this micro-batch's counts; global_*: the totals over all ranks' micro-batches of the
+        loader step it belongs to (from the plan every rank holds: no communication).
+    reference_logps: fp32 ``[num_sequences]`` reference log-prob sums (DPO, set by the reference).
+    """
+
+    input_ids: torch.Tensor
+    packed: PackedSeqs
+    targets: Targets
+    images: torch.Tensor
+    image_index: torch.Tensor | None = None
+    sample_ids: list[str] = dataclasses.field(default_factory=list)
+    segment_sample: torch.Tensor | None = None
+    pair_segments: torch.Tensor | None = None
+    image_refs: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_label_tokens: int = 0
+    num_padding_tokens: int = 0
+    num_truncated: int = 0
+    epoch: int = 0
+    global_samples: int = 0
+    global_tokens: int = 0
+    global_label_tokens: int = 0
+    reference_logps: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+    @property
+    def num_pairs(self) -> int:
+        return 0 if self.pair_segments is None else len(self.pair_segments)
+
+    @property
+    def pair_ids(self) -> list[str]:
+        """Source ids of the pairs, in pair order."""
+        return [self.sample_ids[int(c)] for c, _ in self.pair_segments] if self.num_pairs else []
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 ``[R, S]`` labels aligned with the input ids (label t is token t; IGNORE_INDEX where
+        nothing is trained): the targets seen from the token side, for inspection."""
+        rows, seqlen = self.shape
+        out = torch.full((rows * seqlen,), IGNORE_INDEX, dtype=torch.int64, device=self.targets.tokens.device)
+        out[self.targets.positions + 1] = self.targets.tokens
+        return out.view(rows, seqlen)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """``[N_runs, 3, H, W]``: the image of each image-token run (a pair's image once per response)."""
+        return self.images if self.image_index is None else self.images[self.image_index]
+
+    def sequence_segments(self) -> torch.Tensor:
+        """int64 ``[num_sequences]``: the segment of each sequence (the segments that hold samples)."""
+        return torch.nonzero(self.segment_sample >= 0).flatten()
+
+    def sample_segment_lengths(self) -> list[int]:
+        """Lengths of the segments that hold samples (not padding)."""
+        return [n for n, s in zip(self.packed.lengths(), self.segment_sample.tolist()) if s >= 0]
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """This micro-batch with its tensors on ``device`` (asynchronous copies on CUDA)."""
+        device = torch.device(device)
+        return dataclasses.replace(self, input_ids=_move(self.input_ids, device), packed=self.packed.to(device),
+                                   targets=self.targets.to(device), images=_move(self.images, device),
+                                   image_index=_move(self.image_index, device),
+                                   reference_logps=_move(self.reference_logps, device))
+
+    def blank(self) -> "MicroBatch":
+        """A copy with nothing to learn: no targets, no samples, no pairs. It fills a pipeline step when
+        the data ends before the step has its ``pp`` micro-batches."""
+        nothing = self.targets.positions[:0]
+        return dataclasses.replace(
+            self, targets=Targets(nothing, nothing, nothing, 0), sample_ids=[""] * len(self.sample_ids),
+            segment_sample=torch.full_like(self.segment_sample, -1), pair_segments=self.pair_segments[:0],
+            num_samples=0, num_tokens=0, num_label_tokens=0, num_padding_tokens=0, num_truncated=0,
+            global_samples=0, global_tokens=0, global_label_tokens=0, reference_logps=None)
