@@ -220,6 +220,43 @@ class Targets:
                 num_sequences = int(sequence.max()) + 1 if sequence.numel() else 0
         return Targets(positions, flat[positions], sequence, num_sequences)
 
+    @staticmethod
+    def next_tokens(labels: torch.Tensor, packed: PackedSeqs, segment_sequence: torch.Tensor | None = None,
+                    num_sequences: int | None = None) -> "Targets":
+        """The next-token targets of ``labels [R, S]`` aligned with the input ids (label t is token t).
+
+        Position t predicts label t + 1 when token t + 1 continues t's segment. A segment with a
+        prefix (a branch) has its first token predicted from the prefix's last position, which so
+        serves every branch of the prefix. ``segment_sequence`` int64 ``[K]``: the sequence each
+        segment's predictions count for (default: all sequence 0).
+
+        A segment without a prefix cannot carry a label on its first token: nothing before it can
+        predict it.
+        """
+        flat, segment = labels.reshape(-1), packed.segment_ids.reshape(-1)
+        starts = packed.cu_seqlens[:-1].long()
+        has_prefix = packed.prefix >= 0 if packed.prefix is not None else torch.zeros_like(starts, dtype=torch.bool)
+        first_labels = flat[starts]
+        if bool(((first_labels != IGNORE_INDEX) & ~has_prefix).any()):
+            raise ValueError("a segment's first token carries a label; nothing before it can predict it")
+        if segment_sequence is None:
+            segment_sequence = torch.zeros(packed.num_segments, dtype=torch.int64, device=flat.device)
+            num_sequences = 1 if num_sequences is None else num_sequences
+        # Inside a segment: position t predicts token t + 1.
+        within = torch.nonzero((segment[1:] == segment[:-1]) & (flat[1:] != IGNORE_INDEX)).flatten()
+        positions, tokens, sequence = within, flat[within + 1], segment_sequence[segment[within + 1]]
+        branches = torch.nonzero(has_prefix & (first_labels != IGNORE_INDEX)).flatten()
+        if branches.numel():
+            prefix_last = packed.cu_seqlens.long()[packed.prefix[branches] + 1] - 1
+            positions = torch.cat([positions, prefix_last])
+            tokens = torch.cat([tokens, first_labels[branches]])
+            sequence = torch.cat([sequence, segment_sequence[branches]])
+            order = torch.sort(positions, stable=True).indices
+            positions, tokens, sequence = positions[order], tokens[order], sequence[order]
+        if num_sequences is None:
+            num_sequences = int(segment_sequence.max()) + 1 if segment_sequence.numel() else 0
+        return Targets(positions, tokens, sequence, num_sequences)
+
     def __len__(self) -> int:
         return self.tokens.numel()
 
@@ -235,25 +272,6 @@ class Targets:
         return out.view(shape)
 
 
-def next_token_targets(labels: torch.Tensor, packed: PackedSeqs, what: str = "batch") -> torch.Tensor:
-    """``labels [R, S]`` aligned with the input ids (label t is token t) → next-token targets
-    ``[R, S]``: position t predicts label t + 1 when token t + 1 continues t's segment.
-
-    A segment's first token cannot carry a label: nothing of its own comes before it.
-    """
-    starts = torch.zeros_like(labels, dtype=torch.bool).view(-1)
-    starts[packed.cu_seqlens[:-1].long()] = True
-    starts = starts.view(labels.shape)
-    if packed.has_prefixes:
-        raise NotImplementedError(f"{what}: next-token targets of a shared-prefix layout (a branch's first "
-                                  f"token is predicted from its prefix's last position)")
-    if bool((labels[starts] != IGNORE_INDEX).any()):
-        raise ValueError(f"{what}: a segment's first token carries a label; nothing before it can predict it")
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = torch.where(starts[:, 1:], IGNORE_INDEX, labels[:, 1:])
-    return targets
-
-
 @dataclasses.dataclass
 class MicroBatch:
     """One micro-batch of one rank: the model's input, the loss's targets, and the data's counts.
@@ -265,8 +283,10 @@ class MicroBatch:
     image_index: int64 ``[N_runs]``: the image each image-token run shows, in reading order; None:
         run k shows image k.
     sample_ids: source id of each segment ('' for padding); segment_sample: int64 ``[K]`` sample
-        number of each segment (-1: padding); pair_segments: int64 ``[P, 2]`` (chosen, rejected)
-        segments of each DPO pair; image_refs: (sample number, tar member) of each image run.
+        number of each segment (-1: padding); segment_sequence: int64 ``[K]`` the sequence whose
+        predictions each segment holds (-1: padding or a shared prefix); pair_segments: int64
+        ``[P, 2]`` (chosen, rejected) segments of each DPO pair; image_refs: (sample number, tar
+        member) of each image run.
     num_*: this micro-batch's counts; global_*: the totals over all ranks' micro-batches of the
         loader step it belongs to (from the plan every rank holds: no communication).
     reference_logps: fp32 ``[num_sequences]`` reference log-prob sums (DPO, set by the reference).
@@ -279,6 +299,7 @@ class MicroBatch:
     image_index: torch.Tensor | None = None
     sample_ids: list[str] = dataclasses.field(default_factory=list)
     segment_sample: torch.Tensor | None = None
+    segment_sequence: torch.Tensor | None = None
     pair_segments: torch.Tensor | None = None
     image_refs: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     num_samples: int = 0
@@ -311,7 +332,12 @@ class MicroBatch:
         nothing is trained): the targets seen from the token side, for inspection."""
         rows, seqlen = self.shape
         out = torch.full((rows * seqlen,), IGNORE_INDEX, dtype=torch.int64, device=self.targets.tokens.device)
-        out[self.targets.positions + 1] = self.targets.tokens
+        predicted = self.targets.positions + 1
+        if self.packed.has_prefixes:  # a branch's first token is predicted from its prefix's last position
+            own = self.sequence_segments()[self.targets.sequence]
+            crosses = self.packed.segment_ids.reshape(-1)[predicted] != own
+            predicted = torch.where(crosses, self.packed.cu_seqlens[:-1].long()[own], predicted)
+        out[predicted] = self.targets.tokens
         return out.view(rows, seqlen)
 
     @property
@@ -320,12 +346,16 @@ class MicroBatch:
         return self.images if self.image_index is None else self.images[self.image_index]
 
     def sequence_segments(self) -> torch.Tensor:
-        """int64 ``[num_sequences]``: the segment of each sequence (the segments that hold samples)."""
-        return torch.nonzero(self.segment_sample >= 0).flatten()
+        """int64 ``[num_sequences]``: the segment of each sequence."""
+        return torch.nonzero(self.segment_sequence >= 0).flatten()
 
-    def sample_segment_lengths(self) -> list[int]:
-        """Lengths of the segments that hold samples (not padding)."""
-        return [n for n, s in zip(self.packed.lengths(), self.segment_sample.tolist()) if s >= 0]
+    def attention_pairs(self) -> int:
+        """Query-key pairs causal attention computes over the sample segments (a host sync): n(n+1)/2
+        per segment, and a branch's tokens times its prefix's length."""
+        lengths, samples = self.packed.lengths(), self.segment_sample.tolist()
+        prefix = self.packed.prefix.tolist() if self.packed.has_prefixes else [-1] * len(lengths)
+        return sum(n * (n + 1) // 2 + (n * lengths[p] if p >= 0 else 0)
+                   for n, s, p in zip(lengths, samples, prefix) if s >= 0)
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         """This micro-batch with its tensors on ``device`` (asynchronous copies on CUDA)."""
@@ -341,6 +371,7 @@ class MicroBatch:
         nothing = self.targets.positions[:0]
         return dataclasses.replace(
             self, targets=Targets(nothing, nothing, nothing, 0), sample_ids=[""] * len(self.sample_ids),
-            segment_sample=torch.full_like(self.segment_sample, -1), pair_segments=self.pair_segments[:0],
+            segment_sample=torch.full_like(self.segment_sample, -1),
+            segment_sequence=torch.full_like(self.segment_sequence, -1), pair_segments=self.pair_segments[:0],
             num_samples=0, num_tokens=0, num_label_tokens=0, num_padding_tokens=0, num_truncated=0,
             global_samples=0, global_tokens=0, global_label_tokens=0, reference_logps=None)

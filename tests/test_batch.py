@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from pivot_mega.batch import IGNORE_INDEX, PackedSeqs, Targets, next_token_targets
+from pivot_mega.batch import IGNORE_INDEX, PackedSeqs, Targets
 
 
 def test_targets_never_cross_segments():
     labels = torch.tensor([[-100, 5, 6, -100, 7, 8], [-100, -100, -100, 4, -100, -100]])
     packed = PackedSeqs.from_cu_seqlens(torch.tensor([0, 3, 6, 8, 12], dtype=torch.int32), 2, 6)
-    targets = next_token_targets(labels, packed)
+    targets = Targets.next_tokens(labels, packed).dense((2, 6))
     # Positions predict the next token's label; 3, 6 and 8 start segments and are never targets.
     assert targets.flatten().tolist() == [5, 6, -100, 7, 8, -100, -100, -100, 4, -100, -100, -100]
     with pytest.raises(ValueError, match="a segment's first token carries a label"):
-        next_token_targets(torch.tensor([[-100, 5, 6, 9, 7, 8]]), PackedSeqs.from_lengths([[3, 3]]))
+        Targets.next_tokens(torch.tensor([[-100, 5, 6, 9, 7, 8]]), PackedSeqs.from_lengths([[3, 3]]))
 
 
 def test_targets_round_trip_and_keep_their_sequences(seed):

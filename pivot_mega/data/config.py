@@ -17,6 +17,7 @@ TemplateName = Literal["plain", "qwen2"]
 DataMode = Literal["lm", "dpo"]
 ImageBackend = Literal["auto", "dali", "python"]
 DecodeDevice = Literal["cpu", "mixed"]
+DPOLayout = Literal["shared_prefix", "separate"]
 
 
 @dataclasses.dataclass
@@ -33,8 +34,14 @@ class DataConfig:
     # ``lm``: one sequence per sample, loss on assistant replies (stages 1a, 1b, SFT; a preference
     # pair contributes its chosen answer). ``dpo``: chosen and rejected sequences of each pair.
     mode: DataMode = "lm"
-    # Tokens per packed row. A sample (or a whole DPO pair) must fit in one row: for DPO rows hold
-    # both sequences, so use twice the per-sequence length (4096 for PIVOT's 2048).
+    # How a DPO pair is laid out in its row. ``shared_prefix``: ``prefix | chosen | rejected``, the
+    # template, image tokens and prompt once, each response attending to them and to itself (the
+    # language model reads the prefix once). ``separate``: ``prefix + chosen | prefix + rejected``.
+    # Both give the same log-probs; attention backends that take one cu_seqlens for queries and keys
+    # (flash_attn, varlen, te) need ``separate``.
+    dpo_layout: DPOLayout = "shared_prefix"
+    # Tokens per packed row. A sample (or a whole DPO pair) must fit in one row: for DPO a row holds
+    # the prompt once and both responses (shared_prefix), or both whole sequences (separate).
     max_seq_len: int = 2048
     # Rows per micro-batch: micro-batches are ``[micro_batch_rows, max_seq_len]``.
     micro_batch_rows: int = 1

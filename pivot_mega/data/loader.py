@@ -123,7 +123,7 @@ class PackedDataLoader:
         self.encoder = TextEncoder(config.tokenizer, template=config.template, mode=config.mode,
                                    system_prompt=config.system_prompt, image_token_id=image_token_id,
                                    num_image_tokens=num_image_tokens, max_seq_len=config.max_seq_len,
-                                   truncate_response=config.truncate_response)
+                                   truncate_response=config.truncate_response, dpo_layout=config.dpo_layout)
         self.decoder = make_image_decoder(config.backend, image_size=image_size, num_threads=config.num_threads,
                                           decode_device=config.decode_device, device_id=device_id)
         log.info("data: %d samples in %s, %s images, rank %d of %d", len(self.shards), config.shards,
@@ -281,9 +281,12 @@ class PackedDataLoader:
 
     def _layout(self) -> dict:
         c = self.config
-        return {"template": c.template, "mode": c.mode, "system_prompt": c.system_prompt, "max_seq_len": c.max_seq_len,
-                "micro_batch_rows": c.micro_batch_rows, "window_size": c.window_size,
-                "truncate_response": c.truncate_response}
+        layout = {"template": c.template, "mode": c.mode, "system_prompt": c.system_prompt,
+                  "max_seq_len": c.max_seq_len, "micro_batch_rows": c.micro_batch_rows, "window_size": c.window_size,
+                  "truncate_response": c.truncate_response}
+        if c.mode == "dpo":  # a pair's length, and so the plan, depends on it
+            layout["dpo_layout"] = c.dpo_layout
+        return layout
 
     def close(self) -> None:
         self._stop_prefetch()

@@ -22,7 +22,7 @@ import heapq
 import numpy as np
 import torch
 
-from ..batch import IGNORE_INDEX, MicroBatch, PackedSeqs, Targets, next_token_targets
+from ..batch import IGNORE_INDEX, MicroBatch, PackedSeqs, Targets
 from .templates import Unit
 
 
@@ -95,56 +95,60 @@ def plan_window(lengths: list[int], capacity: int, rows_per_micro_batch: int, wo
 
 def build_micro_batch(rows: list[list[Unit]], seq_len: int, pad_token_id: int) -> MicroBatch:
     """Lays out rows of units as a MicroBatch: ids, the packed layout, next-token targets numbered by
-    sequence (the k-th sample segment is sequence k, so DPO pair p's chosen and rejected responses
-    are sequences 2p and 2p + 1). Images are left empty; the loader decodes them."""
+    sequence. Every sequence with a response is a sequence of the targets, in segment order, so DPO
+    pair p's chosen and rejected responses are sequences 2p and 2p + 1; a shared-prefix pair is three
+    segments, ``prefix | chosen | rejected``, the branches attending to the prefix. Images are left
+    empty; the loader decodes them."""
     num_rows = len(rows)
     input_ids = np.full((num_rows, seq_len), pad_token_id, dtype=np.int64)
     labels = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int64)
-    sequence = np.full((num_rows, seq_len), -1, dtype=np.int64)
-    lengths, segment_sample, sample_ids, pairs, image_refs = [], [], [], [], []
+    lengths, prefix, segment_sample, segment_sequence, sample_ids, pairs, image_refs = [], [], [], [], [], [], []
     num_samples = num_truncated = num_sequences = 0
     for r, units in enumerate(rows):
         col, row_lengths = 0, []
         for unit in units:
             num_samples += 1
             num_truncated += unit.truncated
+            first = len(segment_sample)
             if unit.is_pair:
-                pairs.append((len(segment_sample), len(segment_sample) + 1))
-            for seq in unit.sequences:
+                pairs.append((first + 1, first + 2) if unit.shared_prefix else (first, first + 1))
+            for k, seq in enumerate(unit.sequences):
                 n = len(seq)
                 if col + n > seq_len:
                     raise ValueError(f"row {r} overflows: sample {unit.sample_id!r} needs {n} tokens at column {col} "
                                      f"of {seq_len}")
-                if seq.labels[0] != IGNORE_INDEX:
+                is_prefix, is_branch = unit.shared_prefix and k == 0, unit.shared_prefix and k > 0
+                if seq.labels[0] != IGNORE_INDEX and not is_branch:
                     raise ValueError(f"sample {unit.sample_id!r}: its first token carries a label; nothing before "
                                      f"it can predict it")
                 input_ids[r, col:col + n] = seq.input_ids
                 labels[r, col:col + n] = seq.labels
-                sequence[r, col:col + n] = num_sequences
-                num_sequences += 1
                 col += n
                 row_lengths.append(n)
+                prefix.append(first if is_branch else -1)
                 segment_sample.append(unit.index)
+                segment_sequence.append(-1 if is_prefix else num_sequences)
+                num_sequences += not is_prefix
                 sample_ids.append(unit.sample_id)
                 image_refs += [(unit.index, member) for member in unit.image_members[:seq.num_images]]
         if col < seq_len:  # row padding is a segment of its own
             row_lengths.append(seq_len - col)
+            prefix.append(-1)
             segment_sample.append(-1)
+            segment_sequence.append(-1)
             sample_ids.append("")
         lengths.append(row_lengths)
-    packed = PackedSeqs.from_lengths(lengths)
+    packed = PackedSeqs.from_lengths(lengths, prefix)
     labels = torch.from_numpy(labels)
-    # Position t predicts token t + 1 of its segment: the target sits one column left of its label.
-    targets = next_token_targets(labels, packed)
-    shifted = torch.full((num_rows, seq_len), -1, dtype=torch.int64)
-    shifted[:, :-1] = torch.from_numpy(sequence[:, 1:])
+    segment_sequence = torch.tensor(segment_sequence, dtype=torch.int64)
     num_padding = sum(n for n, s in zip((n for row in lengths for n in row), segment_sample) if s < 0)
     return MicroBatch(
         input_ids=torch.from_numpy(input_ids),
         packed=packed,
-        targets=Targets.from_dense(targets, shifted, num_sequences),
+        targets=Targets.next_tokens(labels, packed, segment_sequence, num_sequences),
         images=torch.zeros(0),
         segment_sample=torch.tensor(segment_sample, dtype=torch.int64),
+        segment_sequence=segment_sequence,
         pair_segments=torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2),
         sample_ids=sample_ids,
         image_refs=image_refs,

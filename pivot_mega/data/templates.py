@@ -57,13 +57,18 @@ class Sequence:
 
 @dataclasses.dataclass
 class Unit:
-    """What packing places in a row: one sequence, or a DPO pair (chosen, rejected) kept together."""
+    """What packing places in a row: one sequence, or a DPO pair kept together.
+
+    A pair is ``[chosen, rejected]`` (each with the prompt in front), or with ``shared_prefix``
+    ``[prefix, chosen, rejected]``: the prompt once, then each response as a branch of it.
+    """
 
     index: int  # sample number in the shard set
     sample_id: str
     sequences: list[Sequence]
     image_members: list[str]  # tar member extensions of the sample's images, in reading order
     truncated: bool = False
+    shared_prefix: bool = False
 
     @property
     def length(self) -> int:
@@ -71,7 +76,20 @@ class Unit:
 
     @property
     def is_pair(self) -> bool:
-        return len(self.sequences) == 2
+        return self.shared_prefix or len(self.sequences) == 2
+
+
+def pair_unit(index: int, sample_id: str, prompt: tuple[list[int], list[int], int], chosen: tuple[list[int], list[int]],
+              rejected: tuple[list[int], list[int]], image_members: list[str], *, shared_prefix: bool,
+              truncated: bool = False) -> Unit:
+    """A DPO pair as packing places it: ``prompt`` (ids, labels, images) and each response's (ids, labels)."""
+    (p_ids, p_lab, num_images), (c_ids, c_lab), (r_ids, r_lab) = prompt, chosen, rejected
+    if shared_prefix:
+        sequences = [_sequence(p_ids, p_lab, num_images), _sequence(c_ids, c_lab, 0), _sequence(r_ids, r_lab, 0)]
+    else:
+        sequences = [_sequence(p_ids + c_ids, p_lab + c_lab, num_images),
+                     _sequence(p_ids + r_ids, p_lab + r_lab, num_images)]
+    return Unit(index, sample_id, sequences, image_members, truncated, shared_prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +190,8 @@ class TextEncoder:
     """
 
     def __init__(self, tokenizer: str | os.PathLike, *, template: str, mode: str, system_prompt: str,
-                 image_token_id: int, num_image_tokens: int, max_seq_len: int, truncate_response: bool):
+                 image_token_id: int, num_image_tokens: int, max_seq_len: int, truncate_response: bool,
+                 dpo_layout: str = "shared_prefix"):
         from transformers import AutoTokenizer
 
         if template not in TEMPLATES:
@@ -181,6 +200,7 @@ class TextEncoder:
         self.template, self.mode, self.system_prompt = template, mode, system_prompt
         self.image_token_id, self.num_image_tokens = image_token_id, num_image_tokens
         self.max_seq_len, self.truncate_response = max_seq_len, truncate_response
+        self.shared_prefix = dpo_layout == "shared_prefix"
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if pad is None:
             raise DataError(f"{tokenizer}: the tokenizer has neither a pad nor an eos token to pad rows with")
@@ -250,7 +270,7 @@ class TextEncoder:
         expected_image_tokens = sum(n for _, _, n in parts) * self.num_image_tokens
         if sum(1 for i in text_ids if i == self.image_token_id) != expected_image_tokens:
             return skip("image_token_in_text", f"the text itself encodes to image token id {self.image_token_id}")
-        if len(parts) == 3:  # DPO: the prompt goes in front of both responses
+        if len(parts) == 3:  # DPO: the prompt in front of both responses, or once before both
             (p_ids, p_lab, p_img), (c_ids, c_lab, _), (r_ids, r_lab, _) = parts
             return self._fit_pair(index, sample, (p_ids, p_lab, p_img), (c_ids, c_lab), (r_ids, r_lab), skip)
         ids, labels, num_images = parts[0]
@@ -268,22 +288,23 @@ class TextEncoder:
 
     def _fit_pair(self, index, sample, prompt, chosen, rejected, skip) -> Unit | LoadSkip:
         (p_ids, p_lab, num_images), (c_ids, c_lab), (r_ids, r_lab) = prompt, chosen, rejected
-        budget = self.max_seq_len - 2 * len(p_ids)
-        total = 2 * len(p_ids) + len(c_ids) + len(r_ids)
+        prompts = 1 if self.shared_prefix else 2  # how often the row holds the prompt
+        budget = self.max_seq_len - prompts * len(p_ids)
+        total = prompts * len(p_ids) + len(c_ids) + len(r_ids)
         truncated = False
         if total > self.max_seq_len:
             if not self.truncate_response or budget < 2:
                 why = "" if self.truncate_response else " (data.truncate_response: false)"
-                return skip("too_long", f"chosen + rejected with their prompt are {total} tokens > "
+                layout = "the prompt once" if self.shared_prefix else "their prompt"
+                return skip("too_long", f"chosen + rejected with {layout} are {total} tokens > "
                                         f"max_seq_len {self.max_seq_len}{why}")
             # Cut the longer response first: keep = the largest k with min(c, k) + min(r, k) <= budget.
             short, long_ = sorted((len(c_ids), len(r_ids)))
             keep = budget - short if short <= budget // 2 else budget // 2
             c_ids, c_lab, r_ids, r_lab = c_ids[:keep], c_lab[:keep], r_ids[:keep], r_lab[:keep]
             truncated = True
-        sequences = [_sequence(p_ids + c_ids, p_lab + c_lab, num_images),
-                     _sequence(p_ids + r_ids, p_lab + r_lab, num_images)]
-        return Unit(index, sample["id"], sequences, sample["images"], truncated)
+        return pair_unit(index, sample["id"], (p_ids, p_lab, num_images), (c_ids, c_lab), (r_ids, r_lab),
+                         sample["images"], shared_prefix=self.shared_prefix, truncated=truncated)
 
 
 def _sequence(ids: list[int], labels: list[int], num_images: int) -> Sequence:

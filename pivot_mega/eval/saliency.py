@@ -348,7 +348,10 @@ def build_loader(model_config, shards: str | os.PathLike, tokenizer: str | os.Pa
                  template: str = "qwen2", max_seq_len: int | None = None, backend: str = "auto",
                  num_threads: int = 1, window_size: int = 64):
     """A ``PackedDataLoader`` over ``shards`` in file order (no shuffle), one row per micro-batch:
-    ``lm`` mode for ``sft``, ``dpo`` mode (pairs) for ``dpo``."""
+    ``lm`` mode for ``sft``, ``dpo`` mode (pairs) for ``dpo``. Pairs are laid out ``separate``: each
+    response then has its own copy of the image tokens, so the chosen and rejected maps are the
+    gradients at their own copies (with a shared prefix the image tokens exist once and one map
+    would hold both responses' gradients)."""
     from ..data import PackedDataLoader
     from ..data.config import DataConfig
 
@@ -356,7 +359,7 @@ def build_loader(model_config, shards: str | os.PathLike, tokenizer: str | os.Pa
                         mode="dpo" if loss == "dpo" else "lm",
                         max_seq_len=max_seq_len or (4096 if loss == "dpo" else 2048), micro_batch_rows=1,
                         window_size=window_size, shuffle=False, backend=backend, num_threads=num_threads,
-                        prefetch=0)
+                        prefetch=0, dpo_layout="separate")
     return PackedDataLoader(config, image_size=model_config.vision.image_size,
                             num_image_tokens=model_config.num_image_tokens,
                             image_token_id=model_config.image_token_id)

@@ -117,6 +117,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """Multi-head attention with GQA; q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` → ``[B, S, Hq, D]``."""
     prefixes = packed is not None and packed.has_prefixes
     name = resolve_backend(backend, q.device, packed is not None, q.dtype, prefixes)
+    if name == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        raise AttentionBackendError("attention backend 'flex' has no backward on the CPU in this torch "
+                                    f"({torch.__version__}); train with sdpa (or auto) here, flex on CUDA")
     return _BACKENDS[name](q, k, v, causal, packed)
 
 
@@ -248,7 +251,7 @@ def reference_attention(q, k, v, *, causal: bool, packed: PackedSeqs | None = No
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation computed in fp32, scaled by ``weight`` in the input dtype (as Qwen2)."""
+    """RMS normalisation computed in fp32 (fp64 inputs: fp64), scaled by ``weight`` in the input dtype (as Qwen2)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -257,7 +260,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 at least (fp64 stays fp64)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -274,8 +277,8 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x [B, S, H, D]`` (half-split convention of Qwen2/Llama) in fp32, back in x's dtype."""
+    """Rotates ``x [B, S, H, D]`` (half-split convention of Qwen2/Llama) in fp32 at least, back in x's dtype."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x32 = x.float()
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = x32.chunk(2, dim=-1)
     return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, load_model_config
 from ..data.packing import build_micro_batch
 from ..batch import IGNORE_INDEX
-from ..data.templates import Sequence, Unit
+from ..data.templates import Sequence, Unit, pair_unit
 from ..models.mllm import VisionLanguageModel
 from ..parallel import ParallelConfig, build_mesh, parallelize
 from ..precision import PrecisionConfig, apply_precision, check_precision
@@ -50,7 +50,9 @@ class BenchOptions:
     micro_batches: int = 2
     response_len: int = 0
     reference: str = "precomputed"
+    dpo_layout: str = "shared_prefix"  # shared_prefix | separate (data.dpo_layout)
     compare_naive: bool = False
+    compare_layouts: bool = False
     dtype: str | None = None
     attention: str | None = None
     activation_checkpointing: bool = False
@@ -67,12 +69,20 @@ def model_config_for(preset: str, overrides: list[str] = ()) -> ModelConfig:
     return load_model_config(path, list(overrides))
 
 
-def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.random.Generator) -> list:
-    """The step's MicroBatches (images decoded already: random SigLIP-range pixels)."""
+def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.random.Generator,
+                      shared_prefix: bool | None = None) -> list:
+    """The step's MicroBatches (images decoded already: random SigLIP-range pixels).
+
+    Rows of ``--seq-len`` tokens in the separate layout: one pair (two sequences of half a row), or two
+    samples. ``shared_prefix`` (default: ``--dpo-layout``) lays the same pairs out as ``prefix | chosen |
+    rejected``, in rows as long as that needs; the same generator state gives the same tokens and
+    pixels either way.
+    """
+    shared_prefix = options.dpo_layout == "shared_prefix" if shared_prefix is None else shared_prefix
     tokens = config.num_image_tokens
     seq_len = options.seq_len or 4 * tokens
     pair = options.stage == "dpo"
-    per_row = 2 if pair else 2  # sequences per row: a pair, or two samples
+    per_row = 2  # sequences per row: a pair, or two samples
     sequence_len = seq_len // per_row
     text = sequence_len - tokens
     if text < 4:
@@ -87,36 +97,40 @@ def synthetic_batches(config: ModelConfig, options: BenchOptions, generator: np.
     def ids(n):
         out = generator.integers(low, vocab - 1, n)
         out[out == config.image_token_id] = (config.image_token_id + 1) % vocab
-        return out
+        return [int(x) for x in out]
 
-    def sequence(prompt_ids, response_ids):
-        input_ids = np.concatenate([[ids(1)[0]], np.full(tokens, config.image_token_id), prompt_ids, response_ids])
-        labels = np.full(len(input_ids), IGNORE_INDEX)
-        labels[-len(response_ids):] = response_ids
-        return Sequence(input_ids.astype(np.int64), labels.astype(np.int64), 1)
+    def prompt_of(prompt_ids):
+        return [ids(1)[0]] + [config.image_token_id] * tokens + prompt_ids
 
+    def untrained(n):
+        return [IGNORE_INDEX] * n
+
+    prompt_len = 1 + tokens + (text - response - 1)
+    row_len = prompt_len + 2 * response if pair and shared_prefix else seq_len
+    size = config.vision.image_size
     batches, index = [], 0
     for _ in range(options.micro_batches):
         rows = []
         for _ in range(options.rows):
             units = []
             if pair:
-                prompt = ids(text - response - 1)
-                units.append(Unit(index, f"pair-{index}", [sequence(prompt, ids(response)), sequence(prompt, ids(response))],
-                                  ["jpg"]))
+                prompt, chosen, rejected = prompt_of(ids(text - response - 1)), ids(response), ids(response)
+                units.append(pair_unit(index, f"pair-{index}", (prompt, untrained(len(prompt)), 1), (chosen, chosen),
+                                       (rejected, rejected), ["jpg"], shared_prefix=shared_prefix))
                 index += 1
             else:
                 for _ in range(per_row):
-                    units.append(Unit(index, f"sample-{index}", [sequence(ids(text - response - 1), ids(response))],
-                                      ["jpg"]))
+                    prompt, answer = prompt_of(ids(text - response - 1)), ids(response)
+                    units.append(Unit(index, f"sample-{index}", [Sequence(np.array(prompt + answer, dtype=np.int64),
+                                      np.array(untrained(len(prompt)) + answer, dtype=np.int64), 1)], ["jpg"]))
                     index += 1
             rows.append(units)
-        batch = build_micro_batch(rows, seq_len, pad_token_id=0)
+        batch = build_micro_batch(rows, row_len, pad_token_id=0)
         distinct = list(dict.fromkeys(batch.image_refs))
         where = {ref: k for k, ref in enumerate(distinct)}
-        size = config.vision.image_size
         batch.images = torch.from_numpy(generator.uniform(-1, 1, (len(distinct), 3, size, size)).astype(np.float32))
-        batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
+        if len(distinct) != len(batch.image_refs):
+            batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
         batch.global_samples, batch.global_tokens = batch.num_samples, batch.num_tokens
         batch.global_label_tokens = batch.num_label_tokens
         batches.append(batch)
@@ -207,8 +221,13 @@ def run_benchmark(options: BenchOptions) -> dict:
         import contextlib
         return contextlib.nullcontext()
 
-    generator = np.random.default_rng(options.seed)
-    batches = synthetic_batches(config, options, generator)
+    def batches_of(shared_prefix=None):  # the same pairs and pixels in either layout
+        return synthetic_batches(config, options, np.random.default_rng(options.seed), shared_prefix)
+
+    generator = np.random.default_rng([options.seed, 1])
+    batches = batches_of()
+    if options.compare_layouts and options.stage != "dpo":
+        raise ValueError("--compare-layouts times the two DPO pair layouts: use --stage dpo")
     dpo = DPOConfig()
     reference_model = None
     reference = None
@@ -224,7 +243,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             # What the precompute pass would have stored: the reference model's sums (or random values).
             ids = [i for batch in batches for i in batch.pair_ids]
             if reference_model is not None:
-                sums = OnlineReference(reference_model).logps([b.to(device) for b in batches], autocast)
+                sums = OnlineReference(reference_model).logps([b.to(device) for b in batches_of(False)], autocast)
                 values = torch.cat(sums).tolist()
             else:
                 values = generator.normal(-50, 5, 2 * len(ids)).tolist()
@@ -248,7 +267,12 @@ def run_benchmark(options: BenchOptions) -> dict:
                "micro_batches": options.micro_batches, "rows": options.rows,
                "seq_len": batches[0].input_ids.shape[1], "tokens_per_step": tokens,
                "images_per_step": sum(len(b.images) for b in batches),
-               "model_flops_per_step": flops, "reference": options.reference if options.stage == "dpo" else None}
+               "model_flops_per_step": flops, "reference": options.reference if options.stage == "dpo" else None,
+               "dpo_layout": options.dpo_layout if options.stage == "dpo" else None}
+    if options.compare_layouts:
+        results.update(_compare_layouts(runner, optimizer, batches_of, options, device, config, trainable, dtype,
+                                        dims.layout.world_size))
+        return results
     if not options.compare_naive:
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -260,9 +284,10 @@ def run_benchmark(options: BenchOptions) -> dict:
         raise ValueError("--compare-naive runs in one process (the naive step has no parallelism)")
     policy = pmodel.modules[0]
     naive_ref = reference_model.modules[0]
+    naive_batches = batches_of(False)  # the naive step reads each pair's prompt twice, as others do
 
     def naive():
-        loss = naive_dpo_step(policy, naive_ref, batches, dpo, autocast)
+        loss = naive_dpo_step(policy, naive_ref, naive_batches, dpo, autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
@@ -272,25 +297,63 @@ def run_benchmark(options: BenchOptions) -> dict:
     result = runner.run(batches)
     optimised_loss = float(result.sums["loss_sum"]) / max(result.global_count, 1)
     optimizer.zero_grad(set_to_none=True)
-    naive_loss = float(naive_dpo_step(policy, naive_ref, batches, dpo, autocast))
+    naive_loss = float(naive_dpo_step(policy, naive_ref, naive_batches, dpo, autocast))
     optimizer.zero_grad(set_to_none=True)
     results["loss_check"] = {"optimised": optimised_loss, "naive": naive_loss,
                              "abs_diff": abs(optimised_loss - naive_loss)}
     # The two steps alternate, so a machine that slows down or speeds up during the run affects both.
     timed = _time({"optimised": optimised, "naive": naive}, options, device,
-                  {"optimised": flops, "naive": _naive_flops(batches, config)}, tokens, 1, dtype)
+                  {"optimised": flops, "naive": _naive_flops(naive_batches, config)}, tokens, 1, dtype)
     results.update(timed)
     results["speedup_vs_naive"] = results["naive"]["step_time_s"] / results["optimised"]["step_time_s"]
     return results
 
 
+def _compare_layouts(runner, optimizer, batches_of, options: BenchOptions, device, config, trainable, dtype: str,
+                     world: int) -> dict:
+    """The optimised DPO step on the same pairs laid out ``separate`` and ``shared_prefix``, alternating:
+    language-model tokens per pair, padding, the losses of both (the same pairs and weights: they must
+    agree), step times and their ratio."""
+    layouts = {"separate": batches_of(False), "shared_prefix": batches_of(True)}
+    out, steps, flops = {}, {}, {}
+    for name, batches in layouts.items():
+        pairs = sum(b.num_pairs for b in batches)
+        tokens = sum(b.num_tokens for b in batches)
+        padding = sum(b.num_padding_tokens for b in batches)
+        optimizer.zero_grad(set_to_none=True)
+        result = runner.run(batches)
+        optimizer.zero_grad(set_to_none=True)
+        out[name] = {"lm_tokens_per_pair": tokens / pairs, "padding_fraction": padding / (tokens + padding),
+                     "loss": float(result.sums["loss_sum"]) / max(result.global_count, 1)}
+        flops[name] = sum(data_flops(b, config, trainable, options.reference == "online") for b in batches)
+
+        def step(batches=batches):
+            result = runner.run(batches)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(result.sums["loss_sum"]) / max(result.global_count, 1)
+        steps[name] = step
+    losses = [out[name]["loss"] for name in layouts]
+    out["loss_check"] = {"abs_diff": abs(losses[0] - losses[1]), "rel_diff": abs(losses[0] - losses[1])
+                         / max(abs(losses[0]), 1e-12)}
+    if out["loss_check"]["rel_diff"] > 1e-4:
+        raise RuntimeError(f"the two layouts give different DPO losses on the same pairs: {losses}")
+    tokens = sum(b.num_tokens for b in layouts["separate"])
+    timed = _time(steps, options, device, flops, tokens, world, "fp8" if options.fp8 != "none" else dtype)
+    for name in layouts:
+        out[name].update(timed[name])
+    out["token_saving"] = 1 - out["shared_prefix"]["lm_tokens_per_pair"] / out["separate"]["lm_tokens_per_pair"]
+    out["speedup_shared_vs_separate"] = out["separate"]["step_time_s"] / out["shared_prefix"]["step_time_s"]
+    return out
+
+
 def _naive_flops(batches, config) -> float:
     """Model FLOPs of the naive step as it runs (for its own TFLOP/s; MFU compares useful work)."""
-    from ..profiling import attended_pairs, forward_flops
+    from ..profiling import forward_flops
     total = 0.0
     for b in batches:
         fwd = forward_flops(config, num_images=len(b.pixel_values), num_tokens=b.num_tokens,
-                            attention_pairs=attended_pairs(b.sample_segment_lengths()), num_labels=b.input_ids.numel())
+                            attention_pairs=b.attention_pairs(), num_labels=b.input_ids.numel())
         total += 4 * fwd.total  # policy forward + backward (3x) and the reference forward
     return total
 

@@ -37,6 +37,11 @@ def register(sub) -> dict:
     bench.add_argument("--reference", choices=["online", "precomputed"], default="precomputed",
                        help="DPO reference of the optimised step (default precomputed)")
     bench.add_argument("--compare-naive", action="store_true", help="also time the naive DPO step; report the ratio")
+    bench.add_argument("--dpo-layout", choices=["shared_prefix", "separate"], default="shared_prefix",
+                       help="how a pair is laid out (data.dpo_layout; default shared_prefix)")
+    bench.add_argument("--compare-layouts", action="store_true",
+                       help="time the optimised DPO step on the same pairs in both layouts, side by side; report "
+                            "tokens per pair, padding, the loss of each and the step-time ratio")
     bench.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                        help="training dtype (default: bf16 autocast on CUDA, fp32 on CPU)")
     bench.add_argument("--attention", default=None, help="attention backend (default: the model config's)")
@@ -92,7 +97,8 @@ def run_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(stage=args.stage, preset=args.preset, steps=args.steps, warmup=args.warmup,
                            seq_len=args.seq_len, rows=args.rows, micro_batches=args.micro_batches,
                            response_len=args.response_len, reference=args.reference,
-                           compare_naive=args.compare_naive, dtype=args.dtype, attention=args.attention,
+                           compare_naive=args.compare_naive, dpo_layout=args.dpo_layout,
+                           compare_layouts=args.compare_layouts, dtype=args.dtype, attention=args.attention,
                            activation_checkpointing=args.activation_checkpointing, fp8=args.fp8, seed=args.seed,
                            overrides=list(args.overrides))
     results = run_benchmark(options)

@@ -26,7 +26,7 @@ import torch
 
 from ..batch import MicroBatch
 from ..parallel import ParallelModel, global_scale, token_logprobs
-from ..profiling import attended_pairs, forward_flops, nvtx_range, step_flops
+from ..profiling import forward_flops, nvtx_range, step_flops
 from .losses import DPOConfig, RunningRewardMean, dpo_loss, dpo_metric_names, sequence_logprob_sums
 from .reference import OnlineReference, PrecomputedReference
 
@@ -43,7 +43,7 @@ def data_flops(batch: MicroBatch, config, trainable: tuple[str, ...], reference_
     if batch.num_samples == 0:
         return 0.0  # a blank filler
     kwargs = dict(num_images=len(batch.images), num_tokens=batch.num_tokens,
-                  attention_pairs=attended_pairs(batch.sample_segment_lengths()), num_labels=batch.num_label_tokens)
+                  attention_pairs=batch.attention_pairs(), num_labels=batch.num_label_tokens)
     flops = step_flops(config, trainable=trainable, **kwargs).total
     if reference_forward:
         flops += forward_flops(config, **kwargs).total

@@ -179,7 +179,7 @@ def test_dali_and_python_backends_give_the_same_batches(llava_shards, tokenizer_
 
 
 def test_dpo_pairs_stay_together(dpo_shards, tokenizer_dir, image_token):
-    config = _config(dpo_shards, tokenizer_dir, mode="dpo", max_seq_len=384)
+    config = _config(dpo_shards, tokenizer_dir, mode="dpo", max_seq_len=384, dpo_layout="separate")
     batches = _epoch(_loader(config, image_token, 0, 2)) + _epoch(_loader(config, image_token, 1, 2))
     pairs = 0
     for batch in batches:
@@ -204,6 +204,39 @@ def test_dpo_pairs_stay_together(dpo_shards, tokenizer_dir, image_token):
         assert set(batch.segment_sample[batch.segment_sample >= 0].tolist()) == \
             {batch.segment_sample[c].item() for c, _ in batch.pair_segments.tolist()}
     assert pairs == len(ShardSet(dpo_shards))
+
+
+def test_shared_prefix_pairs_hold_their_prompt_and_image_once(dpo_shards, tokenizer_dir, image_token):
+    separate = _epoch(_loader(_config(dpo_shards, tokenizer_dir, mode="dpo", max_seq_len=384, shuffle=False,
+                                      dpo_layout="separate"), image_token))
+    shared = _epoch(_loader(_config(dpo_shards, tokenizer_dir, mode="dpo", max_seq_len=384, shuffle=False),
+                            image_token))
+    by_id = {}
+    for batch in separate:
+        cu, ids, labels = batch.packed.cu_seqlens.tolist(), batch.input_ids.flatten(), batch.labels.flatten()
+        for chosen, rejected in batch.pair_segments.tolist():
+            by_id[batch.sample_ids[chosen]] = [(ids[cu[k]:cu[k + 1]], labels[cu[k]:cu[k + 1]]) for k in (chosen, rejected)]
+    pairs = 0
+    for batch in shared:
+        packed = batch.packed
+        cu, ids, labels = packed.cu_seqlens.tolist(), batch.input_ids.flatten(), batch.labels.flatten()
+        for chosen, rejected in batch.pair_segments.tolist():
+            pairs += 1
+            prefix = chosen - 1
+            assert rejected == chosen + 1 and packed.prefix[chosen] == packed.prefix[rejected] == prefix
+            assert packed.prefix[prefix] == -1 and batch.segment_sequence[prefix] == -1
+            for k, (whole_ids, whole_labels) in zip((chosen, rejected), by_id[batch.sample_ids[chosen]]):
+                # prefix + branch is the separate sequence, positions continue from the prefix
+                assert torch.equal(torch.cat([ids[cu[prefix]:cu[prefix + 1]], ids[cu[k]:cu[k + 1]]]), whole_ids)
+                assert torch.equal(torch.cat([labels[cu[prefix]:cu[prefix + 1]], labels[cu[k]:cu[k + 1]]]),
+                                   whole_labels)
+                assert packed.position_ids.flatten()[cu[k]] == cu[prefix + 1] - cu[prefix]
+        # one image run per pair with an image: in its prefix
+        assert len(batch.pixel_values) == sum(1 for _ in batch.image_refs) and \
+            len(batch.image_refs) == len(set(batch.image_refs))
+    assert pairs == len(by_id) == len(ShardSet(dpo_shards))
+    tokens = lambda batches: sum(b.num_tokens for b in batches)  # noqa: E731
+    assert tokens(shared) < tokens(separate)
 
 
 def test_skips_truncation_and_counters(llava_shards, tokenizer_dir, image_token):

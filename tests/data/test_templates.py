@@ -12,8 +12,9 @@ SYSTEM = "You answer briefly."
 
 
 def _encoder(tokenizer_dir, image_token, **overrides):
+    # The pair tests below read whole chosen / rejected sequences: the separate layout, unless they ask.
     args = dict(template="qwen2", mode="lm", system_prompt=SYSTEM, image_token_id=image_token,
-                num_image_tokens=N_IMG, max_seq_len=4096, truncate_response=False)
+                num_image_tokens=N_IMG, max_seq_len=4096, truncate_response=False, dpo_layout="separate")
     args.update(overrides)
     return TextEncoder(tokenizer_dir, **args)
 
@@ -180,6 +181,38 @@ def test_pair_truncation_cuts_the_longer_response_first(tokenizer_dir, image_tok
     (skip,) = _encoder(tokenizer_dir, image_token, mode="dpo", max_seq_len=2 * prompt + 1,
                        truncate_response=True).encode([(0, sample)])
     assert skip.reason == "too_long"
+
+
+def test_shared_prefix_pair_is_the_prompt_once_then_each_response(tokenizer_dir, image_token, seed):
+    rng = np.random.default_rng(seed)
+    samples = [_pair(rng) for _ in range(10)]
+    separate = _encoder(tokenizer_dir, image_token, mode="dpo").encode(list(enumerate(samples)))
+    shared = _encoder(tokenizer_dir, image_token, mode="dpo", dpo_layout="shared_prefix").encode(
+        list(enumerate(samples)))
+    for whole, tree in zip(separate, shared):
+        assert tree.shared_prefix and tree.is_pair and len(tree.sequences) == 3
+        prefix, chosen, rejected = tree.sequences
+        for seq, branch in zip(whole.sequences, (chosen, rejected)):
+            assert np.concatenate([prefix.input_ids, branch.input_ids]).tolist() == seq.input_ids.tolist()
+            assert np.concatenate([prefix.labels, branch.labels]).tolist() == seq.labels.tolist()
+        # The prompt is untrained, the image sits in it once, each branch starts with a trained token.
+        assert (prefix.labels == IGNORE_INDEX).all() and prefix.num_images == 1 and chosen.num_images == 0
+        assert chosen.labels[0] != IGNORE_INDEX and rejected.labels[0] != IGNORE_INDEX
+        assert tree.length == whole.length - len(prefix)
+
+
+def test_shared_prefix_pairs_fit_where_separate_ones_do_not(tokenizer_dir, image_token, seed):
+    rng = np.random.default_rng(seed)
+    sample = _pair(rng)
+    (tree,) = _encoder(tokenizer_dir, image_token, mode="dpo", dpo_layout="shared_prefix").encode([(0, sample)])
+    prompt = len(tree.sequences[0])
+    (fits,) = _encoder(tokenizer_dir, image_token, mode="dpo", dpo_layout="shared_prefix",
+                       max_seq_len=tree.length).encode([(0, sample)])
+    (skip,) = _encoder(tokenizer_dir, image_token, mode="dpo", max_seq_len=tree.length).encode([(0, sample)])
+    assert not fits.truncated and fits.length == tree.length and skip.reason == "too_long"
+    (cut,) = _encoder(tokenizer_dir, image_token, mode="dpo", dpo_layout="shared_prefix", max_seq_len=prompt + 3,
+                      truncate_response=True).encode([(0, sample)])
+    assert cut.truncated and cut.length <= prompt + 3 and len(cut.sequences[0]) == prompt
 
 
 def test_text_that_encodes_to_the_image_token_is_skipped(tokenizer_dir, image_token):

@@ -29,16 +29,21 @@ VOLATILE = ("time", "tokens_per_s", "tflops", "mfu", "data_wait", "memory", "ste
 RELATIVE_TOLERANCE = 1e-5
 
 DPO = ["train.max_steps=5", "train.global_batch_size=4", "optim.warmup_ratio=0"]
+SEPARATE = [*DPO, "data.dpo_layout=separate"]  # recorded before shared-prefix pairs existed
 RUNS = {
     # name: (stage, overrides, processes)
-    "dpo_sigmoid": ("dpo", DPO, 1),
-    "dpo_mpo_precomputed": ("dpo", [*DPO, "dpo.loss_type=mpo", "dpo.precompute_reference=true"], 1),
-    "dpo_bco_pair_two_rows": ("dpo", [*DPO, "dpo.loss_type=bco_pair", "data.micro_batch_rows=2"], 1),
+    "dpo_sigmoid": ("dpo", SEPARATE, 1),
+    "dpo_mpo_precomputed": ("dpo", [*SEPARATE, "dpo.loss_type=mpo", "dpo.precompute_reference=true"], 1),
+    "dpo_bco_pair_two_rows": ("dpo", [*SEPARATE, "dpo.loss_type=bco_pair", "data.micro_batch_rows=2"], 1),
     "sft": ("sft", DPO, 1),
     "pretrain_full": ("pretrain_full", DPO, 1),
-    "dpo_pp2": ("dpo", [*DPO, "parallel.pipeline_model_parallel_size=2"], 2),
+    "dpo_pp2": ("dpo", [*SEPARATE, "parallel.pipeline_model_parallel_size=2"], 2),
     "sft_pp2_two_rows": ("sft", [*DPO, "parallel.pipeline_model_parallel_size=2", "data.micro_batch_rows=2"], 2),
-    "dpo_tp2_sp": ("dpo", [*DPO, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2),
+    "dpo_tp2_sp": ("dpo", [*SEPARATE, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 2),
+    # shared-prefix pairs, recorded when they were added
+    "dpo_shared_prefix": ("dpo", [*DPO, "data.dpo_layout=shared_prefix"], 1),
+    "dpo_shared_prefix_pp2": ("dpo", [*DPO, "data.dpo_layout=shared_prefix", "parallel.pipeline_model_parallel_size=2"],
+                              2),
 }
 
 

@@ -226,11 +226,51 @@ def test_parallel_layouts_give_the_single_process_losses(full_epoch_run, layout)
     assert run_workers(_layout_worker, 2, config, out, LAYOUTS[layout], timeout=400) == [3, 3]
     single, parallel = metrics(tmp / "single"), metrics(out)
     assert len(single) == len(parallel) == 3
+    _close_metrics(single, parallel, layout)
+    assert all(a["samples"] == b["samples"] == 12 for a, b in zip(single, parallel))
+
+
+def _close_metrics(single: list[dict], parallel: list[dict], what: str, tolerance: float = 1e-4) -> None:
+    assert len(single) == len(parallel)
     for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
         error = max(abs(b[key] - a[key]) / max(abs(a[key]), 1e-6) for a, b in zip(single, parallel))
-        record("train_vs_single_process", f"{layout}:{key}", error)
-        assert error <= 1e-4, (layout, key, [(a[key], b[key]) for a, b in zip(single, parallel)])
-    assert all(a["samples"] == b["samples"] == 12 for a, b in zip(single, parallel))
+        record("train_vs_single_process", f"{what}:{key}", error)
+        assert error <= tolerance, (what, key, [(a[key], b[key]) for a, b in zip(single, parallel)])
+
+
+def test_shared_prefix_pairs_train_like_separate_ones(full_epoch_run):
+    """Every step holds the whole epoch, so both layouts see the same pairs: the same losses and gradients."""
+    config, tmp = full_epoch_run  # its single-process run lays pairs out with a shared prefix (the default)
+    train(config, f"train.out_dir={tmp / 'separate'}", "data.dpo_layout=separate")
+    shared, separate = metrics(tmp / "single"), metrics(tmp / "separate")
+    _close_metrics(separate, shared, "shared_prefix_vs_separate", 1e-5)
+    assert all(a["tokens"] < b["tokens"] for a, b in zip(shared, separate))  # each prompt once
+
+
+@require_procs(2)
+@pytest.mark.multiproc
+def test_interleaved_pipeline_gives_the_single_process_losses(full_epoch_run):
+    config, tmp = full_epoch_run
+    # Two stages on each of the two ranks; rows of 256 tokens hold two pairs, so the epoch is 6 micro-batches,
+    # a whole number of pipeline stages: the interleaved step holds what the single-process step holds.
+    deeper = ["model.language.num_hidden_layers=4", "data.max_seq_len=256"]
+    train(config, f"train.out_dir={tmp / 'single_4_layers'}", *deeper)
+    layout = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_stages=2",
+              "parallel.pipeline_schedule=interleaved_1f1b", *deeper]
+    assert run_workers(_layout_worker, 2, config, tmp / "interleaved", layout, timeout=400) == [3, 3]
+    single, interleaved = metrics(tmp / "single_4_layers"), metrics(tmp / "interleaved")
+    assert [m["micro_batches"] for m in single] == [m["micro_batches"] for m in interleaved] == [6, 6, 6]
+    _close_metrics(single, interleaved, "pp2_interleaved")
+
+
+@require_procs(4)
+@pytest.mark.multiproc
+def test_tensor_and_pipeline_parallel_together_give_the_single_process_losses(full_epoch_run):
+    config, tmp = full_epoch_run
+    layout = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+              "parallel.pipeline_model_parallel_size=2"]
+    assert run_workers(_layout_worker, 4, config, tmp / "tp2_pp2", layout, timeout=600) == [3] * 4
+    _close_metrics(metrics(tmp / "single"), metrics(tmp / "tp2_pp2"), "tp2_pp2")
 
 
 @require_procs(2)
