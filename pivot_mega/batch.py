@@ -45,6 +45,10 @@ class PackedSeqs:
     prefix: int64 ``[K]``, or None when no segment has one: the segment each segment's tokens also
         attend to (-1: none). A prefix comes earlier in the same row and has no prefix itself.
     prefix_ids: int64 ``[R, S]`` (with ``prefix``): the prefix segment of each token's segment, -1.
+    key_index, cu_seqlens_k, max_seqlen_k (with ``prefix``): the keys of the varlen kernels, which take
+        each segment's queries against one contiguous run of keys: segment k's run is its prefix's
+        tokens then its own (``key_index`` int64 ``[T_k]`` gathers them from the flattened tokens),
+        with causality aligned to the end of the run, as flash-attn aligns it when queries are fewer.
     """
 
     cu_seqlens: torch.Tensor
@@ -53,6 +57,9 @@ class PackedSeqs:
     segment_ids: torch.Tensor
     prefix: torch.Tensor | None = None
     prefix_ids: torch.Tensor | None = None
+    key_index: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int = 0
 
     @staticmethod
     def from_lengths(lengths: list[list[int]] | list[int], prefix: list[int] | None = None,
@@ -90,11 +97,18 @@ class PackedSeqs:
         positions = torch.arange(len(segment)) + offset[segment]
         cu = torch.tensor(starts, dtype=torch.int32)
         shape = (len(rows), seqlen)
-        prefix_tensor = prefix_ids = None
+        prefix_tensor = prefix_ids = key_index = cu_k = None
+        max_k = 0
         if prefix is not None:
             prefix_tensor = torch.tensor(prefix, dtype=torch.int64)
             prefix_ids = prefix_tensor[segment].view(shape)
-        packed = PackedSeqs(cu, max(flat), positions.view(shape), segment.view(shape), prefix_tensor, prefix_ids)
+            runs = [(range(starts[p], starts[p + 1]) if p >= 0 else range(0)) for p in prefix]
+            keys = [list(run) + list(range(starts[k], starts[k + 1])) for k, run in enumerate(runs)]
+            key_index = torch.tensor([i for run in keys for i in run], dtype=torch.int64)
+            cu_k = torch.tensor([0] + [len(run) for run in keys], dtype=torch.int64).cumsum(0).to(torch.int32)
+            max_k = max(len(run) for run in keys)
+        packed = PackedSeqs(cu, max(flat), positions.view(shape), segment.view(shape), prefix_tensor, prefix_ids,
+                            key_index, cu_k, max_k)
         return packed.to(device) if device is not None else packed
 
     @staticmethod
@@ -146,7 +160,7 @@ class PackedSeqs:
     def to(self, device: torch.device | str) -> "PackedSeqs":
         device = torch.device(device)
         return dataclasses.replace(self, **{f.name: _move(getattr(self, f.name), device)
-                                            for f in dataclasses.fields(self) if f.name != "max_seqlen"})
+                                            for f in dataclasses.fields(self) if not f.name.startswith("max_")})
 
     def attends(self, causal: bool) -> torch.Tensor:
         """bool ``[R, S, S]``: query t of a row may attend to key u of the same row (the dense form)."""

@@ -72,8 +72,9 @@ def available_backends(device: torch.device | str) -> list[str]:
     return names
 
 
-# Backends whose kernels take one cu_seqlens for queries and keys: a segment's keys must be its own tokens.
-SEGMENTS_ONLY = ("flash_attn", "varlen", "te")
+# Backends that take one cu_seqlens for queries and keys: a segment's keys must be its own tokens. (The
+# varlen kernels take separate query and key cu_seqlens, so a branch's queries meet its prefix's keys.)
+SEGMENTS_ONLY = ("te",)
 
 
 def resolve_backend(requested: str, device: torch.device | str, packed: bool, dtype: torch.dtype,
@@ -180,11 +181,24 @@ def _flat_layout(q, packed):
     return packed.cu_seqlens.to(device=q.device, dtype=torch.int32), packed.max_seqlen
 
 
+def varlen_inputs(q, k, v, packed):
+    """Flattened ``(q, k, v, cu_q, cu_k, max_q, max_k)`` for the varlen kernels. With shared prefixes
+    each segment's keys are its prefix's then its own (``packed.key_index``), so a branch's queries
+    attend to both; causality is aligned to the end of each key run (flash-attn's convention)."""
+    batch, seqlen = q.shape[:2]
+    cu, max_len = _flat_layout(q, packed)
+    flat = [t.reshape(batch * seqlen, t.shape[2], t.shape[3]) for t in (q, k, v)]
+    if packed is None or not packed.has_prefixes:
+        return (*flat, cu, cu, max_len, max_len)
+    index = packed.key_index.to(q.device)
+    return (flat[0], flat[1][index], flat[2][index], cu, packed.cu_seqlens_k.to(q.device), max_len,
+            packed.max_seqlen_k)
+
+
 def _varlen(q, k, v, causal, packed):
     from torch.nn.attention.varlen import varlen_attn
 
     batch, seqlen, heads, dim = q.shape
-    cu, max_len = _flat_layout(q, packed)
     params = _varlen_params()
     kwargs = {}
     groups = heads // k.shape[2]
@@ -197,8 +211,7 @@ def _varlen(q, k, v, causal, packed):
         kwargs["is_causal"] = causal
     elif causal:
         kwargs["window_size"] = (-1, 0)
-    flat = [t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, k, v)]
-    out = varlen_attn(*flat, cu, cu, max_len, max_len, **kwargs)
+    out = varlen_attn(*varlen_inputs(q, k, v, packed), **kwargs)
     return out.view(batch, seqlen, heads, dim)
 
 
@@ -206,9 +219,7 @@ def _flash_attn(q, k, v, causal, packed):
     from flash_attn import flash_attn_varlen_func
 
     batch, seqlen, heads, dim = q.shape
-    cu, max_len = _flat_layout(q, packed)
-    flat = [t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, k, v)]
-    out = flash_attn_varlen_func(*flat, cu, cu, max_len, max_len, causal=causal)
+    out = flash_attn_varlen_func(*varlen_inputs(q, k, v, packed), causal=causal)
     return out.view(batch, seqlen, heads, dim)
 
 

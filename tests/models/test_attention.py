@@ -55,10 +55,44 @@ def test_shared_prefix_layout_positions_and_checks():
     for bad in ([-1, 0, 1, -1, -1], [-1, 2, 0, -1, -1], [-1, 0, 0, -1, 0]):  # nested, later, other row
         with pytest.raises(ValueError, match="prefix"):
             PackedSeqs.from_lengths([[4, 3, 2, 1], [10]], prefix=bad)
-    for name in ("varlen", "flash_attn", "te"):  # one cu_seqlens for queries and keys: no prefix
-        with pytest.raises(AttentionBackendError, match="cannot express a shared prefix"):
-            resolve_backend(name, "cuda", packed=True, dtype=torch.bfloat16, prefixes=True)
+    # TE's thd attention takes one cu_seqlens for queries and keys: no prefix (varlen kernels take two)
+    with pytest.raises(AttentionBackendError, match="cannot express a shared prefix"):
+        resolve_backend("te", "cuda", packed=True, dtype=torch.bfloat16, prefixes=True)
     assert resolve_backend("auto", "cpu", packed=True, dtype=torch.float32, prefixes=True) == "sdpa"
+
+
+def _varlen_semantics(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    """What flash-attn's varlen kernels compute, written out: segment i's queries against its run of keys,
+    causality aligned to the end of the run (query j of n sees keys up to j + len_k - n)."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        n, m = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        assert n <= max_q and m <= max_k
+        keys, values = (t[ks].repeat_interleave(groups, dim=1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[qs], keys) / q.shape[-1] ** 0.5
+        if causal:
+            visible = torch.arange(m)[None, :] <= torch.arange(n)[:, None] + (m - n)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        out[qs] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out
+
+
+def test_varlen_inputs_express_a_shared_prefix(seed):
+    """The query / key runs handed to the varlen kernels give the tree's attention (checked on the kernels'
+    documented semantics; the kernels themselves need CUDA)."""
+    from pivot_mega.models.layers import varlen_inputs
+
+    gen = torch.Generator().manual_seed(seed)
+    packed = PackedSeqs.from_lengths([[5, 4, 3, 4], [16]], prefix=[-1, 0, 0, -1, -1])
+    q = torch.randn(2, 16, 4, 8, generator=gen)
+    k, v = (torch.randn(2, 16, 2, 8, generator=gen) for _ in range(2))
+    flat_q, flat_k, flat_v, cu_q, cu_k, max_q, max_k = varlen_inputs(q, k, v, packed)
+    assert cu_k.tolist() == [0, 5, 14, 22, 26, 42] and max_k == 16  # branches: prefix (5) + own tokens
+    got = _varlen_semantics(flat_q, flat_k, flat_v, cu_q.tolist(), cu_k.tolist(), max_q, max_k, causal=True)
+    want = reference_attention(q, k, v, causal=True, packed=packed)
+    assert rel_err(got.view(2, 16, 4, 8), want) <= TOL
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
