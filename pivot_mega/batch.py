@@ -184,24 +184,6 @@ class PackedSeqs:
             return keep & (q_idx >= kv_idx) if causal else keep
         return mask_mod
 
-    def select_rows(self, start: int, stop: int) -> "PackedSeqs":
-        """The layout of rows ``start:stop`` (a host sync; for tools and tests, not the training path)."""
-        seqlen = self.segment_ids.shape[1]
-        cu = self.cu_seqlens.tolist()
-        first, last = cu.index(start * seqlen), cu.index(stop * seqlen)
-        lengths = [cu[k + 1] - cu[k] for k in range(first, last)]
-        rows, row, filled = [], [], 0
-        for n in lengths:
-            row.append(n)
-            filled += n
-            if filled == seqlen:
-                rows.append(row)
-                row, filled = [], 0
-        prefix = None
-        if self.prefix is not None:
-            prefix = [p - first if p >= 0 else -1 for p in self.prefix[first:last].tolist()]
-        return PackedSeqs.from_lengths(rows, prefix, device=self.cu_seqlens.device)
-
 
 @dataclasses.dataclass(frozen=True)
 class Targets:

@@ -103,7 +103,9 @@ def test_precomputed_reference_gives_the_online_losses(tmp_path):
 
 
 def _run_cli(config: Path, *overrides: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    # One thread for OpenMP and MKL alike: `make test` sets MKL_NUM_THREADS=2, and MKL may then use fewer threads
+    # on a loaded machine (MKL_DYNAMIC), splitting a reduction another way: runs compared bit for bit must not.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "pivot_mega.cli", "train", str(config), "--set", *overrides],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
