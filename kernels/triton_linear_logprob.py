@@ -35,6 +35,7 @@ class LaunchConfig:
     num_stages: int
     min_programs: int   # the forward splits the vocabulary until the grid has this many programs
     widen_bf16: bool    # convert bf16 tiles to fp32 before tl.dot (interpreter only, see launch_config)
+    matmul_block_n: int = 0  # the backward matmuls' N tile (block_n x this); 0: block_v
 
 
 def launch_config(device: torch.device, dtype: torch.dtype) -> LaunchConfig:
@@ -45,12 +46,23 @@ def launch_config(device: torch.device, dtype: torch.dtype) -> LaunchConfig:
         # widening them to fp32 first is exact and is the maths of the GPU's bf16 dot (fp32 products
         # and accumulation).
         return LaunchConfig(16, 16, 16, num_warps=1, num_stages=1, min_programs=4,
-                            widen_bf16=dtype == torch.bfloat16)
-    # fp32 operands are twice the bytes: halve the k slice to keep 3 pipeline stages in shared memory.
-    block_k = 32 if dtype == torch.float32 else 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return LaunchConfig(128, 128, block_k, num_warps=8, num_stages=3, min_programs=2 * sms,
-                        widen_bf16=False)
+                            widen_bf16=dtype == torch.bfloat16, matmul_block_n=16)
+    return cuda_launch_config(dtype, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def cuda_launch_config(dtype: torch.dtype, multi_processors: int = 132) -> LaunchConfig:
+    """The tiles of the CUDA path (an H100 SXM has 132 SMs), sized so that no kernel spills registers
+    on sm_90a (``kernels.hopper`` compiles them; ``tests/kernels/test_hopper_compile.py`` checks it).
+
+    bf16 / fp16: 128 x 128 logit tiles, k slices of 64 (wgmma); the backward matmuls hold a 128 x 128
+    fp32 accumulator plus their operands, which spills (255 registers, 1 KB): they take 128 x 64.
+    fp32 (ieee FMA, no tensor cores): 64 x 64 tiles, k slices of 32; 128 x 128 spills in every kernel.
+    """
+    if dtype == torch.float32:
+        return LaunchConfig(64, 64, 32, num_warps=8, num_stages=3, min_programs=2 * multi_processors,
+                            widen_bf16=False, matmul_block_n=64)
+    return LaunchConfig(128, 128, 64, num_warps=8, num_stages=3, min_programs=2 * multi_processors,
+                        widen_bf16=False, matmul_block_n=64)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -58,11 +70,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _kernel_args(cfg: LaunchConfig, dtype: torch.dtype) -> dict:
-    """The compile-time arguments every kernel here takes, and the launch options."""
+def _shared_constants(cfg: LaunchConfig, dtype: torch.dtype) -> dict:
+    """The compile-time arguments every kernel here takes besides its tile sizes."""
     return dict(BLOCK_K=cfg.block_k, WIDEN=cfg.widen_bf16,
-                DOT_PRECISION="ieee" if cfg.widen_bf16 else _dot_precision(dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                DOT_PRECISION="ieee" if cfg.widen_bf16 else _dot_precision(dtype))
+
+
+def _kernel_args(cfg: LaunchConfig, dtype: torch.dtype) -> dict:
+    """The compile-time arguments every kernel here takes besides its tile sizes, and the launch options."""
+    return dict(_shared_constants(cfg, dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @triton.jit
@@ -172,6 +188,34 @@ def _matmul_accumulate_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     tl.store(c_ptrs, acc, mask=c_mask)
 
 
+def kernel_signatures(pointer: str) -> dict:
+    """Each kernel's runtime argument types for ahead-of-time compilation (``kernels.hopper``), with
+    ``pointer`` the element type of the hidden states and weights (``*bf16``, ``*fp16``, ``*fp32``):
+    the types the launches below pass."""
+    strides4 = {"stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32", "stride_wk": "i32"}
+    return {
+        _logit_stats_kernel: {"hidden_ptr": pointer, "weight_ptr": pointer, "labels_ptr": "*i64", "max_ptr": "*fp32",
+                              "sumexp_ptr": "*fp32", "target_ptr": "*fp32", "num_tokens": "i32", "vocab_size": "i32",
+                              "hidden_size": "i32", "tiles_per_split": "i32", **strides4},
+        _grad_logits_kernel: {"hidden_ptr": pointer, "weight_ptr": pointer, "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                              "grad_ptr": "*fp32", "out_ptr": pointer, "num_tokens": "i32", "vocab_size": "i32",
+                              "hidden_size": "i32", "label_offset": "i32", **strides4, "stride_on": "i32",
+                              "stride_ov": "i32"},
+        _matmul_accumulate_kernel: {"a_ptr": pointer, "b_ptr": pointer, "c_ptr": "*fp32", "M": "i32", "N": "i32",
+                                    "K": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32",
+                                    "stride_bn": "i32", "stride_cm": "i32", "stride_cn": "i32"},
+    }
+
+
+def kernel_constants(cfg: LaunchConfig, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of the tiles of ``cfg``, per kernel (the matmul names its tiles M/N)."""
+    shared = _shared_constants(cfg, dtype)
+    return {_logit_stats_kernel: {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, **shared},
+            _grad_logits_kernel: {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, **shared},
+            _matmul_accumulate_kernel: {"BLOCK_M": cfg.block_n, "BLOCK_N": cfg.matmul_block_n or cfg.block_v,
+                                        **shared}}
+
+
 def logit_stats(hidden, weight, labels_here, *, token_chunk, vocab_chunk):
     """Same contract as the chunked ``logit_stats``; the chunk sizes do not apply (no tile is stored)."""
     del token_chunk, vocab_chunk
@@ -196,10 +240,11 @@ def logit_stats(hidden, weight, labels_here, *, token_chunk, vocab_chunk):
 def _accumulate_matmul(c, a, b, cfg: LaunchConfig):
     """``c += a @ b`` with ``c`` fp32 ``[M, N]``; ``a``, ``b`` may be transposed views."""
     (m, k), n = a.shape, b.shape[1]
-    grid = (triton.cdiv(m, cfg.block_n), triton.cdiv(n, cfg.block_v))
+    block_m, block_n = cfg.block_n, cfg.matmul_block_n or cfg.block_v
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _matmul_accumulate_kernel[grid](
         a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_v, **_kernel_args(cfg, a.dtype))
+        BLOCK_M=block_m, BLOCK_N=block_n, **_kernel_args(cfg, a.dtype))
 
 
 def logit_grads(hidden, weight, labels_here, lse, grad_logprob, *, token_chunk, vocab_chunk,
