@@ -345,13 +345,13 @@ class MicroBatch:
         """int64 ``[num_sequences]``: the segment of each sequence."""
         return torch.nonzero(self.segment_sequence >= 0).flatten()
 
-    def attention_pairs(self) -> int:
-        """Query-key pairs causal attention computes over the sample segments (a host sync): n(n+1)/2
-        per segment, and a branch's tokens times its prefix's length."""
+    def sample_segments(self) -> tuple[list[int], list[int]]:
+        """(lengths, prefix lengths) of the segments that hold samples, not padding (a host sync); a
+        segment without a shared prefix has prefix length 0. ``profiling.attended_pairs`` takes both."""
         lengths, samples = self.packed.lengths(), self.segment_sample.tolist()
         prefix = self.packed.prefix.tolist() if self.packed.has_prefixes else [-1] * len(lengths)
-        return sum(n * (n + 1) // 2 + (n * lengths[p] if p >= 0 else 0)
-                   for n, s, p in zip(lengths, samples, prefix) if s >= 0)
+        kept = [(n, lengths[p] if p >= 0 else 0) for n, s, p in zip(lengths, samples, prefix) if s >= 0]
+        return [n for n, _ in kept], [p for _, p in kept]
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         """This micro-batch with its tensors on ``device`` (asynchronous copies on CUDA)."""

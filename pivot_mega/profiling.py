@@ -72,11 +72,11 @@ class StepFlops:
         return self.vision + self.projector + self.language + self.attention + self.head
 
 
-def attended_pairs(segment_lengths: list[int], *, causal: bool = True) -> int:
-    """Query-key pairs attention computes over packed segments of these lengths."""
-    if causal:
-        return sum(n * (n + 1) // 2 for n in segment_lengths)
-    return sum(n * n for n in segment_lengths)
+def attended_pairs(segment_lengths: list[int], *, causal: bool = True, prefix_lengths: list[int] | None = None) -> int:
+    """Query-key pairs attention computes over packed segments of these lengths; ``prefix_lengths``
+    (per segment, 0 for none): the shared prefix each segment's queries also attend to in full."""
+    own = sum(n * (n + 1) // 2 for n in segment_lengths) if causal else sum(n * n for n in segment_lengths)
+    return own + sum(n * p for n, p in zip(segment_lengths, prefix_lengths or ()))
 
 
 def forward_flops(config: ModelConfig, *, num_images: int, num_tokens: int, attention_pairs: int,

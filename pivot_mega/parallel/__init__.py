@@ -124,7 +124,7 @@ class ParallelModel:
             model = self.modules[0]
             outputs = [output_fn(self._hidden(model, mb), self.head_weight(model), mb) for mb in microbatches]
         else:
-            outputs, _ = self._pipelined(microbatches, lambda *a: (output_fn(*a), None), train=False)
+            outputs, _ = self._pipelined(microbatches, output_fn, train=False)  # its values come back as losses
         return StepOutputs(torch.zeros(()), outputs)
 
     @staticmethod

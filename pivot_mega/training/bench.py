@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -257,10 +258,7 @@ def run_benchmark(options: BenchOptions) -> dict:
     tokens = sum(b.num_tokens for b in batches)
 
     def optimised():
-        result = runner.run(batches)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(result.sums["loss_sum"]) / max(result.global_count, 1)
+        return _optimised_step(runner, optimizer, batches)
 
     results = {"stage": options.stage, "preset": options.preset, "device": torch.cuda.get_device_name()
                if device_type == "cuda" else "cpu", "dtype": dtype, "fp8": options.fp8, "world_size": dims.layout.world_size,
@@ -293,10 +291,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         return float(loss)
 
     # Same weights, same batch: both steps must give the same loss before anything is timed.
-    optimizer.zero_grad(set_to_none=True)
-    result = runner.run(batches)
-    optimised_loss = float(result.sums["loss_sum"]) / max(result.global_count, 1)
-    optimizer.zero_grad(set_to_none=True)
+    optimised_loss = _optimised_loss(runner, optimizer, batches)
     naive_loss = float(naive_dpo_step(policy, naive_ref, naive_batches, dpo, autocast))
     optimizer.zero_grad(set_to_none=True)
     results["loss_check"] = {"optimised": optimised_loss, "naive": naive_loss,
@@ -307,6 +302,22 @@ def run_benchmark(options: BenchOptions) -> dict:
     results.update(timed)
     results["speedup_vs_naive"] = results["naive"]["step_time_s"] / results["optimised"]["step_time_s"]
     return results
+
+
+def _optimised_step(runner, optimizer, batches) -> float:
+    """One optimised training step on ``batches``; → its loss (the mean over the step's pairs or tokens)."""
+    result = runner.run(batches)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(result.sums["loss_sum"]) / max(result.global_count, 1)
+
+
+def _optimised_loss(runner, optimizer, batches) -> float:
+    """The optimised step's loss on ``batches`` at the current weights, which stay as they are."""
+    optimizer.zero_grad(set_to_none=True)
+    result = runner.run(batches)
+    optimizer.zero_grad(set_to_none=True)
+    return float(result.sums["loss_sum"]) / max(result.global_count, 1)
 
 
 def _compare_layouts(runner, optimizer, batches_of, options: BenchOptions, device, config, trainable, dtype: str,
@@ -320,19 +331,10 @@ def _compare_layouts(runner, optimizer, batches_of, options: BenchOptions, devic
         pairs = sum(b.num_pairs for b in batches)
         tokens = sum(b.num_tokens for b in batches)
         padding = sum(b.num_padding_tokens for b in batches)
-        optimizer.zero_grad(set_to_none=True)
-        result = runner.run(batches)
-        optimizer.zero_grad(set_to_none=True)
         out[name] = {"lm_tokens_per_pair": tokens / pairs, "padding_fraction": padding / (tokens + padding),
-                     "loss": float(result.sums["loss_sum"]) / max(result.global_count, 1)}
+                     "loss": _optimised_loss(runner, optimizer, batches)}
         flops[name] = sum(data_flops(b, config, trainable, options.reference == "online") for b in batches)
-
-        def step(batches=batches):
-            result = runner.run(batches)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(result.sums["loss_sum"]) / max(result.global_count, 1)
-        steps[name] = step
+        steps[name] = functools.partial(_optimised_step, runner, optimizer, batches)
     losses = [out[name]["loss"] for name in layouts]
     out["loss_check"] = {"abs_diff": abs(losses[0] - losses[1]), "rel_diff": abs(losses[0] - losses[1])
                          / max(abs(losses[0]), 1e-12)}
@@ -349,11 +351,13 @@ def _compare_layouts(runner, optimizer, batches_of, options: BenchOptions, devic
 
 def _naive_flops(batches, config) -> float:
     """Model FLOPs of the naive step as it runs (for its own TFLOP/s; MFU compares useful work)."""
-    from ..profiling import forward_flops
+    from ..profiling import attended_pairs, forward_flops
     total = 0.0
     for b in batches:
+        lengths, prefix_lengths = b.sample_segments()
         fwd = forward_flops(config, num_images=len(b.pixel_values), num_tokens=b.num_tokens,
-                            attention_pairs=b.attention_pairs(), num_labels=b.input_ids.numel())
+                            attention_pairs=attended_pairs(lengths, prefix_lengths=prefix_lengths),
+                            num_labels=b.input_ids.numel())
         total += 4 * fwd.total  # policy forward + backward (3x) and the reference forward
     return total
 

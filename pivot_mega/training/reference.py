@@ -1,7 +1,7 @@
 """DPO's reference log-probs, in one place: online (a frozen copy of the initial model), precomputed
 (read from a JSON file), and the pass that precomputes them.
 
-    reference = build_reference(config, dims, loader, build_model, autocast)   # None unless stage dpo
+    reference = build_reference(config, dims, loader, build_model, autocast, "cuda")
     logps = reference.logps(microbatches, autocast)     # per micro-batch: fp32 [num_sequences]
 
 Per micro-batch, sequence 2p / 2p + 1 is the chosen / rejected response of the micro-batch's pair p
@@ -85,14 +85,6 @@ class PrecomputedReference:
                                  f"precompute the reference log-probs for this data again")
         return cls(data["pairs"], str(path))
 
-    @classmethod
-    def fits(cls, path: Path, shards_fingerprint: str) -> bool:
-        try:
-            cls.read(path, shards_fingerprint)
-            return True
-        except ReferenceError:
-            return False
-
     def lookup(self, ids: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """→ ``[2P]``: chosen and rejected sums of each pair, interleaved."""
         missing = [i for i in ids if i not in self.pairs]
@@ -120,9 +112,12 @@ def build_reference(config: RunConfig, dims, loader: PackedDataLoader, build_mod
     if dpo.reference == "online":
         log.info("train: dpo.precompute_reference is set, so the reference log-probs are precomputed and read "
                  "from %s (dpo.reference 'online' does not apply)", path)
-    if PrecomputedReference.fits(path, fingerprint):
+    try:
+        existing = PrecomputedReference.read(path, fingerprint)
         log.info("train: reference log-probs already in %s", path)
-        return PrecomputedReference.read(path, fingerprint)
+        return existing
+    except ReferenceError:
+        pass  # none yet, or for other data: write it
     reference = OnlineReference(build_model(dpo.reference_from or config.init_from))
     precompute_reference_logps(reference, config, dims, autocast, device_type)
     del reference

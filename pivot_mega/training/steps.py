@@ -26,7 +26,7 @@ import torch
 
 from ..batch import MicroBatch
 from ..parallel import ParallelModel, global_scale, token_logprobs
-from ..profiling import forward_flops, nvtx_range, step_flops
+from ..profiling import attended_pairs, forward_flops, nvtx_range, step_flops
 from .losses import DPOConfig, RunningRewardMean, dpo_loss, dpo_metric_names, sequence_logprob_sums
 from .reference import OnlineReference, PrecomputedReference
 
@@ -42,8 +42,10 @@ def data_flops(batch: MicroBatch, config, trainable: tuple[str, ...], reference_
     """Model FLOPs of this micro-batch's training (and reference forward, when there is one)."""
     if batch.num_samples == 0:
         return 0.0  # a blank filler
+    lengths, prefix_lengths = batch.sample_segments()
     kwargs = dict(num_images=len(batch.images), num_tokens=batch.num_tokens,
-                  attention_pairs=batch.attention_pairs(), num_labels=batch.num_label_tokens)
+                  attention_pairs=attended_pairs(lengths, prefix_lengths=prefix_lengths),
+                  num_labels=batch.num_label_tokens)
     flops = step_flops(config, trainable=trainable, **kwargs).total
     if reference_forward:
         flops += forward_flops(config, **kwargs).total
