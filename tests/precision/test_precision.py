@@ -240,45 +240,64 @@ def _float8_parallel_worker(rank, world_size, parallel, config, seed):
         loss /= dims.layout.dp
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for name, p in pmodel.named_parameters()}
-    return loss.item(), grads
+    return loss.item(), grads, set().union(*(_float8_names(module) for module in pmodel.modules))
+
+
+def _grad_errors(grads: dict[str, torch.Tensor], model: nn.Module) -> tuple[float, float]:
+    """(median, mean) over every gradient element of |got - want| / max(|want|, floor), the floor being 1% of
+    that tensor's largest gradient (so near-zero elements do not blow the ratio up)."""
+    errors = []
+    for name, param in model.named_parameters():
+        want = param.grad
+        floor = want.abs().max().clamp_min(1e-30) * 1e-2
+        errors.append(((grads[name] - want).abs() / want.abs().clamp_min(floor)).flatten())
+    errors = torch.cat(errors)
+    return errors.median().item(), errors.mean().item()
 
 
 @pytest.mark.multiproc
 @require_procs(2)
 @pytest.mark.parametrize("layout", ["tp2", "fsdp2"])
 def test_float8_composes_with_tp_and_fsdp(layout, seed):
-    """torchao float8 converted on the meta device, then TP (DTensor plans) or FSDP2: the same loss and
-    gradients as one process running the same float8 model. Dynamic scales come from the tensors a
-    rank sees: TP reduces the amax of sharded tensors over the shards (the single-process scales), and
-    a data-parallel rank scales its own rows, which one process reproduces by running each rank's rows
-    as a micro-batch of its own (measured: <= 4e-7 of the largest gradient either way for most seeds).
+    """torchao float8 converted on the meta device, then TP (DTensor plans) or FSDP2: the same modules in
+    float8, and the same loss and gradients as one process running the same float8 model. Dynamic scales
+    come from the tensors a rank sees: TP reduces the amax of sharded tensors over the shards (the
+    single-process scales), and a data-parallel rank scales its own rows, which one process reproduces by
+    running each rank's rows as a micro-batch of its own.
 
-    Tolerance 1e-4 of the largest gradient: the ranks' fp32 sums run in another order, and a value that
-    lands next to an FP8 rounding boundary can round the other way, moving one element by one FP8
-    step (seed 1926522976: 5.2e-5 on an o_proj weight gradient under TP)."""
+    The gradients usually agree to 1e-6 relative. But the ranks' fp32 sums run in another order, and an
+    activation that lands next to an FP8 rounding boundary can round the other way; when that happens early
+    in the vision tower, every later gradient moves a little (seed 441109288 under TP: 31% of one weight's
+    gradient elements moved, by up to 1.6e-3 of the largest gradient). So a few elements may move, but
+    not the bulk: the median element error must stay below 1e-4 (measured: <= 2e-7 for most seeds, 5e-7 at
+    that seed; 3e-2 when the parallel model is not converted to float8 at all), and the mean below a tenth of
+    the mean distance between float8 and fp32 (measured 1/80 at that seed, 1/250000 for most seeds)."""
     from pivot_mega.batch import Targets
     from pivot_mega.parallel import ParallelConfig, lm_loss
 
     config = fp8_config()
     parallel = ParallelConfig(tensor_model_parallel_size=2) if layout == "tp2" else ParallelConfig()
     model = VisionLanguageModel(config).init_weights(seed)
+    full_precision = copy.deepcopy(model)
     apply_precision(model, PrecisionConfig(fp8="torchao"))
     ids, pixels, labels = batch(config, seed, rows=4, seqlen=32)
     total = int((labels != -100).sum())
     loss = 0.0
     for rows in ([slice(0, 4)] if layout == "tp2" else [slice(0, 2), slice(2, 4)]):
-        hidden = model(ids[rows], pixels[rows], return_hidden=True)
-        micro_loss = lm_loss(hidden, model.language.head_weight, Targets.from_dense(labels[rows]), total)
-        micro_loss.backward()
-        loss += micro_loss.item()
+        for m in (model, full_precision):
+            hidden = m(ids[rows], pixels[rows], return_hidden=True)
+            micro_loss = lm_loss(hidden, m.language.head_weight, Targets.from_dense(labels[rows]), total)
+            micro_loss.backward()
+            loss += micro_loss.item() if m is model else 0.0
+    float8_vs_fp32 = _grad_errors({n: p.grad for n, p in full_precision.named_parameters()}, model)[1]
     results = run_workers(_float8_parallel_worker, 2, parallel, config, seed)
-    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
-    for got_loss, grads in results:
+    for got_loss, grads, float8_modules in results:
+        assert float8_modules == _float8_names(model)
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert grads.keys() == dict(model.named_parameters()).keys()
-        for name, param in model.named_parameters():
-            err = (grads[name] - param.grad).abs().max().item() / scale
-            assert err < 1e-4, (layout, name, err)
+        median, mean = _grad_errors(grads, model)
+        assert median < 1e-4, (layout, median)
+        assert mean < 0.1 * float8_vs_fp32, (layout, mean, float8_vs_fp32)
 
 
 # ----------------------------------------------------------------------------------------------
