@@ -27,9 +27,19 @@ IGNORE_INDEX = -100  # a label that trains nothing (the convention of HF and tor
 
 
 def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    # Asynchronous only from pinned memory (the loader pins when training on CUDA; from pageable memory
+    # CUDA stages the copy and the host waits). Freeing the source early is safe: the pinned allocator
+    # keeps a block until the copy's stream has passed it. Writing into it is not: nothing writes a
+    # batch's tensors after moving them.
     if tensor is None or tensor.device == device:
         return tensor
     return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+def _pin(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or tensor.device.type != "cpu" or tensor.is_pinned():
+        return tensor
+    return tensor.pin_memory()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +169,14 @@ class PackedSeqs:
 
     def to(self, device: torch.device | str) -> "PackedSeqs":
         device = torch.device(device)
-        return dataclasses.replace(self, **{f.name: _move(getattr(self, f.name), device)
+        return self._map(lambda tensor: _move(tensor, device))
+
+    def pin_memory(self) -> "PackedSeqs":
+        """A copy with the tensors that ``to`` moves in pinned host memory (CPU tensors only)."""
+        return self._map(_pin)
+
+    def _map(self, fn) -> "PackedSeqs":
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name))
                                             for f in dataclasses.fields(self) if not f.name.startswith("max_")})
 
     def attends(self, causal: bool) -> torch.Tensor:
@@ -258,8 +275,13 @@ class Targets:
 
     def to(self, device: torch.device | str) -> "Targets":
         device = torch.device(device)
-        return Targets(_move(self.positions, device), _move(self.tokens, device), _move(self.sequence, device),
-                       self.num_sequences)
+        return self._map(lambda tensor: _move(tensor, device))
+
+    def pin_memory(self) -> "Targets":
+        return self._map(_pin)
+
+    def _map(self, fn) -> "Targets":
+        return Targets(fn(self.positions), fn(self.tokens), fn(self.sequence), self.num_sequences)
 
     def dense(self, shape: tuple[int, int]) -> torch.Tensor:
         """``[R, S]`` targets, IGNORE_INDEX where nothing is predicted (one token per position)."""
@@ -354,12 +376,20 @@ class MicroBatch:
         return [n for n, _ in kept], [p for _, p in kept]
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        """This micro-batch with its tensors on ``device`` (asynchronous copies on CUDA)."""
+        """This micro-batch with its model and loss tensors on ``device`` (asynchronous copies on CUDA
+        from pinned memory: see ``pin_memory``); the bookkeeping tensors stay where they are."""
         device = torch.device(device)
-        return dataclasses.replace(self, input_ids=_move(self.input_ids, device), packed=self.packed.to(device),
-                                   targets=self.targets.to(device), images=_move(self.images, device),
-                                   image_index=_move(self.image_index, device),
-                                   reference_logps=_move(self.reference_logps, device))
+        return self._map(lambda tensor: _move(tensor, device))
+
+    def pin_memory(self) -> "MicroBatch":
+        """A copy with the tensors that ``to`` moves in pinned host memory, so that their copies to a
+        GPU overlap with its work (the loader calls it in its prefetch thread). Needs CUDA."""
+        return self._map(_pin)
+
+    def _map(self, fn) -> "MicroBatch":
+        return dataclasses.replace(self, input_ids=fn(self.input_ids), packed=self.packed._map(fn),
+                                   targets=self.targets._map(fn), images=fn(self.images),
+                                   image_index=fn(self.image_index), reference_logps=fn(self.reference_logps))
 
     def blank(self) -> "MicroBatch":
         """A copy with nothing to learn: no targets, no samples, no pairs. It fills a pipeline step when

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 
 from . import demo
 from .convert import commands as convert_commands
@@ -24,6 +26,22 @@ REGISTRARS = (
 )
 
 
+# Freed blocks are remapped into growing segments: far less fragmentation with packed rows of varying
+# length and FSDP's gather/free cycle. Read once, at the first CUDA allocation: set before any command
+# runs; a setting of the user's (either name: torch reads both) is kept as it is.
+CUDA_ALLOC_CONF = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+ALLOC_CONF_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def default_cuda_alloc_conf(environ: MutableMapping[str, str]) -> bool:
+    """Sets ``CUDA_ALLOC_CONF`` in ``environ`` unless an allocator setting is there; → whether it did."""
+    if any(name in environ for name in ALLOC_CONF_NAMES):
+        return False
+    name, value = CUDA_ALLOC_CONF
+    environ[name] = value
+    return True
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="pivot-mega", description="PIVOT MLLM training system")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .models import CheckpointError
 
+    default_cuda_alloc_conf(os.environ)
     parser, runners = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,9 +1,11 @@
 """``pivot-mega convert`` as a user runs it: a subprocess, exit codes, messages."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pivot_mega.cli import build_parser
@@ -71,3 +73,43 @@ def test_each_command_runs_from_the_module_next_to_its_code():
         "bench": "pivot_mega.training.commands", "eval": "pivot_mega.eval.commands", "demo": "pivot_mega.demo"}
     # The order `pivot-mega --help` lists them in.
     assert "{convert,data,train,bench,eval,transplant,demo}" in parser.format_usage()
+
+
+def test_expandable_segments_by_default_and_a_users_setting_kept():
+    from pivot_mega.cli import default_cuda_alloc_conf
+
+    environ = {}
+    assert default_cuda_alloc_conf(environ) and environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        environ = {name: "max_split_size_mb:512"}
+        assert not default_cuda_alloc_conf(environ) and environ == {name: "max_split_size_mb:512"}
+
+
+# A command that reports the allocator settings torch parsed, run through the real entry point.
+_ALLOCATOR_PROBE = """
+import sys
+import torch
+from pivot_mega import cli
+
+def register(sub):
+    sub.add_parser("probe")
+    return {"probe": lambda args: print(torch._C._accelerator_getAllocatorSettings())}
+
+cli.REGISTRARS = (register,)
+sys.exit(cli.main(["probe"]))
+"""
+
+
+@pytest.mark.parametrize("user, parsed", [
+    ({}, "expandable_segments:True"),
+    ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512"),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, "expandable_segments:False"),
+])
+def test_the_allocator_reads_the_setting_when_a_command_runs(user, parsed):
+    """torch reads its allocator settings once, at the first allocation that needs them: the entry point
+    sets the default after torch is imported but before any command runs, and torch still takes it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    done = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], env={**env, **user}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == parsed

@@ -187,3 +187,30 @@ def test_profile_nsys_script_wraps_the_trainer(tmp_path):
     assert from_dict(ProfileConfig, section, where="profile").validate(device_type="cuda").nsys_steps == [3, 5]
     bad = subprocess.run([str(script), "run.yaml", "5", "3"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "1 <= START <= END" in bad.stderr
+
+
+def test_nsys_window_brackets_its_steps_with_synchronised_start_and_stop(tmp_path, monkeypatch):
+    """The CUDA branch, on CPU: torch's CUDA calls are stood in for and recorded in order. The capture
+    starts on an idle GPU before step START's range opens, and stops after step END's range has
+    closed and its work has finished, so the report holds exactly those steps."""
+    import pivot_mega.profiling as profiling
+
+    calls = []
+    monkeypatch.setattr(profiling, "_cuda_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append("stop"))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
+    profiler = StepProfiler(ProfileConfig(nsys_steps=[2, 3]), tmp_path, "cuda")
+    for step in range(1, 5):
+        profiler.step_begin(step)
+        with profiler.range("forward_backward"):
+            pass
+        profiler.step_end(step)
+    profiler.close()
+    window = calls[calls.index("start") - 1:calls.index("stop") + 1]
+    assert window == ["synchronize", "start", "step_2", "forward_backward", "pop", "pop",
+                      "step_3", "forward_backward", "pop", "pop", "synchronize", "stop"]
+    assert calls.count("start") == calls.count("stop") == 1 and calls[-4:] == ["step_4", "forward_backward", "pop",
+                                                                                 "pop"]

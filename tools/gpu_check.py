@@ -331,7 +331,7 @@ def logprob_checks(device, sizes: Sizes, dtypes, impls=("triton", "chunked")) ->
             hh, ww = (t.detach().clone().requires_grad_() for t in (hidden, weight))
             got = linear_logprob(hh, ww, labels, impl=impl)
             (got * grad_out).sum().backward()
-            figures = {"logprob": float((got.double() - want).abs().max()),
+            figures = {"logprob": float((got.detach().double() - want.detach()).abs().max()),
                        "grad_hidden": relative_error(hh.grad, h64.grad),
                        "grad_weight": relative_error(ww.grad, w64.grad)}
             lp_bound, grad_bound = LOGPROB_BOUND[name]

@@ -55,8 +55,12 @@ if [[ $PIVOT_DEVICE == cuda ]]; then
   # fails (and can be resubmitted) instead of hanging until its time limit.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
   # Freed blocks are remapped into growing segments: far less fragmentation with packed rows of
-  # varying length and FSDP's gather/free cycle.
-  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  # varying length and FSDP's gather/free cycle. Set before the tasks start (pivot-mega's entry point
+  # sets the same default under other launchers); a user's setting under either name is kept: torch
+  # reads PYTORCH_CUDA_ALLOC_CONF first, so setting it would hide a PYTORCH_ALLOC_CONF.
+  if [[ -z ${PYTORCH_CUDA_ALLOC_CONF+set} && -z ${PYTORCH_ALLOC_CONF+set} ]]; then
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  fi
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   # Left to NCCL's defaults on purpose (set them per site if needed):
   #  - NCCL_IB_HCA / NCCL_SOCKET_IFNAME: NCCL finds the InfiniBand HCAs and a bootstrap interface

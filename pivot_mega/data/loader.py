@@ -7,6 +7,8 @@ Every rank runs the same deterministic plan and takes its own part of it:
    read (only the small JSON sidecars, through the DALI index), rendered by the template, tokenized
    and packed (``packing.plan_window``) into steps of ``world_size`` micro-batches balanced in tokens.
 3. Rank ``r`` takes micro-batch ``r`` of each step, reads and decodes only its own images.
+4. Training on a GPU, the micro-batch's tensors are pinned (``MicroBatch.pin_memory``) where it is
+   made, in the prefetch thread, so the trainer's ``MicroBatch.to(device)`` copies asynchronously.
 
 Each rank tokenizes the whole window (text is cheap next to images) so that packing and token
 balancing need no communication; the plan, and so the loader state, is the same on every rank.
@@ -106,15 +108,19 @@ class PackedDataLoader:
 
     ``image_size``, ``num_image_tokens`` and ``image_token_id`` come from the model config;
     ``rank`` / ``world_size`` are the data-parallel coordinates; ``device_id``: the GPU for
-    ``decode_device: mixed``.
+    ``decode_device: mixed``. ``pin_memory_device``: the GPU the batches are copied to, when
+    training on one: their tensors are pinned where they are made (the prefetch thread, bound to
+    that GPU), so the copies overlap with the step; None (CPU): nothing is pinned.
     """
 
     def __init__(self, config: DataConfig, *, image_size: int, num_image_tokens: int, image_token_id: int,
-                 rank: int = 0, world_size: int = 1, device_id: int | None = None):
+                 rank: int = 0, world_size: int = 1, device_id: int | None = None,
+                 pin_memory_device: int | None = None):
         config.validate()
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.pin_memory_device = pin_memory_device
         self.shards = ShardSet(config.shards)
         counts = self.shards.manifest["counts"]
         if config.mode == "dpo" and counts["conversations"]:
@@ -142,7 +148,7 @@ class PackedDataLoader:
         generation = self._generation
         produced = self._produce(self._position)
         if self.config.prefetch:
-            produced = self._prefetcher = _Prefetcher(produced, self.config.prefetch)
+            produced = self._prefetcher = _Prefetcher(produced, self.config.prefetch, self.pin_memory_device)
         produced = iter(produced)
         try:
             while True:
@@ -238,7 +244,9 @@ class PackedDataLoader:
         where = {ref: k for k, ref in enumerate(unique)}
         if len(unique) != len(batch.image_refs):
             batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
-        return batch
+        # Fresh pinned copies for every batch, never reused by the loader: a copy still in flight
+        # reads memory nothing else writes.
+        return batch.pin_memory() if self.pin_memory_device is not None else batch
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -295,12 +303,16 @@ class PackedDataLoader:
 
 
 class _Prefetcher:
-    """Runs an iterator in a background thread, ``depth`` items ahead; errors re-raise in the consumer."""
+    """Runs an iterator in a background thread, ``depth`` items ahead; errors re-raise in the consumer.
+
+    ``cuda_device``: the GPU the thread works for (CUDA's current device is per thread, and pinning
+    from a thread left on device 0 would open a context there for every rank of the node).
+    """
 
     _DONE = object()
 
-    def __init__(self, items: Iterator, depth: int):
-        self._items = items
+    def __init__(self, items: Iterator, depth: int, cuda_device: int | None = None):
+        self._items, self._cuda_device = items, cuda_device
         self._buffer: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pivot-data-prefetch", daemon=True)
@@ -308,6 +320,8 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
+            if self._cuda_device is not None:
+                torch.cuda.set_device(self._cuda_device)
             for item in self._items:
                 if not self._put(item):
                     return

@@ -162,7 +162,10 @@ def _flex(q, k, v, causal, packed):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes (dynamic=None): a new shape recompiles once, into a kernel for any
+    # length. dynamic=False recompiled at every new shape, and past dynamo's recompile limit fell
+    # back to the eager kernel, which materialises the scores.
+    return torch.compile(flex_attention)
 
 
 @functools.cache

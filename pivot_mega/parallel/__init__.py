@@ -228,11 +228,27 @@ def apply_activation_checkpointing(module: nn.Module, every: int) -> None:
 
 
 def _compile_blocks(module: nn.Module) -> None:
-    blocks = list(module.language.layers.values())
-    if getattr(module, "vision", None) is not None:
-        blocks += list(module.vision.layers)
-    for block in blocks:
+    """``torch.compile`` per block (a tower's blocks share one code object and its graphs): after AC and
+    TP, whose hooks and DTensors it traces, before FSDP, as torchtitan does.
+
+    Decoder blocks see the loader's fixed ``[R, S, H]``; only the varlen layout (cu_seqlens,
+    max_seqlen) varies, made dynamic by torch at its first change. Vision blocks see ``[U, T, D]``, U
+    the micro-batch's distinct images, new nearly every step: U alone is marked dynamic as it enters
+    them (``dynamic=True`` would make T and D symbolic too, which TP's DTensors cannot trace), so one
+    graph serves every U >= 2 (another U = 1, which torch specialises) per grad mode, well inside
+    dynamo's recompile limit (8 graphs per code object; past it a block runs eagerly).
+    """
+    for block in module.language.layers.values():
         block.compile()
+    if getattr(module, "vision", None) is not None:
+        module.vision.embeddings.register_forward_hook(_images_dynamic)
+        for block in module.vision.layers:
+            block.compile()
+
+
+def _images_dynamic(embeddings: nn.Module, args, patches: torch.Tensor) -> None:
+    # On the uncompiled embeddings: marks set inside a compiled block's hooks are not allowed.
+    torch._dynamo.maybe_mark_dynamic(patches, 0)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .config import DIM_NAMES, Layout, ParallelConfig, resolve_layout
 
 DEFAULT_PORT = 29500
@@ -60,22 +60,41 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
                      launcher="single")
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with this local rank: the local rank itself, or 0 when the process
+    sees a single GPU (srun --gpus-per-task=1 or --gpu-bind give each task its own device 0)."""
+    if device_count == 1:
+        return 0
+    if not 0 <= local_rank < device_count:
+        raise ConfigError(f"local rank {local_rank} has no GPU: this process sees {device_count}; start one "
+                          f"process per GPU (torchrun --nproc-per-node, or srun tasks per node = GPUs per node)")
+    return local_rank
+
+
 def init_distributed(launch: LaunchEnv | None = None, device_type: str | None = None) -> LaunchEnv:
-    """Initialises the default process group (nccl on CUDA, gloo on CPU) if not done already."""
+    """Initialises the default process group (nccl on CUDA, gloo on CPU) if not done already.
+
+    On CUDA the process is bound to its GPU first (every later CUDA call, NCCL's included, runs
+    there), and the group is told the device: NCCL then connects the ranks now, not at the first
+    collective, and the mesh's sub-groups split from that communicator.
+    """
     launch = launch or detect_launch()
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    bound = {}
     if device_type == "cuda":
-        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", cuda_device_index(launch.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        bound["device_id"] = device
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if launch.world_size == 1:
             # One process needs no rendezvous: an in-memory store, so single-process runs on one
             # machine never compete for MASTER_PORT.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **bound)
             return launch
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, **bound)
     return launch
 
 

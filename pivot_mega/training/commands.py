@@ -92,6 +92,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     import json
 
+    import torch.distributed as dist
+
     from .bench import BenchOptions, run_benchmark
 
     options = BenchOptions(stage=args.stage, preset=args.preset, steps=args.steps, warmup=args.warmup,
@@ -101,7 +103,11 @@ def run_bench(args: argparse.Namespace) -> int:
                            compare_layouts=args.compare_layouts, dtype=args.dtype, attention=args.attention,
                            activation_checkpointing=args.activation_checkpointing, fp8=args.fp8, seed=args.seed,
                            overrides=list(args.overrides))
-    results = run_benchmark(options)
+    try:
+        results = run_benchmark(options)
+    finally:  # as train does: NCCL's communicators are released, not left to the interpreter's exit
+        if dist.is_initialized():
+            dist.destroy_process_group()
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

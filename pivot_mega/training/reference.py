@@ -130,10 +130,11 @@ def precompute_reference_logps(reference: OnlineReference, config: RunConfig, di
     pair id → [chosen sum, rejected sum]). Call on all ranks."""
     path = config.reference_logps_path
     model_config = reference.model.modules[0].config
+    device_id = torch.cuda.current_device() if device_type == "cuda" else None
     loader = PackedDataLoader(config.data,
                               image_size=model_config.vision.image_size, num_image_tokens=model_config.num_image_tokens,
                               image_token_id=model_config.image_token_id, rank=dims.dp_rank, world_size=dims.layout.dp,
-                              device_id=torch.cuda.current_device() if device_type == "cuda" else None)
+                              device_id=device_id, pin_memory_device=device_id)
     device = next(iter(reference.model.parameters())).device
     group = max(dims.layout.pp, config.parallel.microbatches) if dims.layout.pp > 1 else 1
     if config.parallel.pipeline_schedule == "interleaved_1f1b" and dims.layout.pp > 1:

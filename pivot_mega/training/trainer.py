@@ -39,7 +39,8 @@ from ..models.mllm import VisionLanguageModel
 from ..parallel import ParallelModel, build_mesh, parallelize
 from ..precision import apply_precision, check_precision, precision_autocast
 from ..profiling import StepProfiler, nvtx_range, peak_tflops
-from .checkpoint.dcp import LoadedCheckpoint, PendingSave, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint.dcp import (LoadedCheckpoint, PendingSave, async_save_group, load_checkpoint, resolve_resume,
+                             save_checkpoint)
 from .checkpoint.portable import export_model, load_model_weights
 from .config import RunConfig
 from .losses import RunningRewardMean, dpo_metric_names
@@ -182,7 +183,7 @@ class Trainer:
         loader = PackedDataLoader(c.data, image_size=model_config.vision.image_size,
                                   num_image_tokens=model_config.num_image_tokens,
                                   image_token_id=model_config.image_token_id, rank=dims.dp_rank,
-                                  world_size=dims.layout.dp, device_id=device_id)
+                                  world_size=dims.layout.dp, device_id=device_id, pin_memory_device=device_id)
         total_steps = c.train.max_steps or max(1, math.ceil(c.train.epochs * len(loader.shards)
                                                             / c.train.global_batch_size))
         scheduler = build_scheduler(optimizer, c.optim, total_steps)
@@ -222,6 +223,7 @@ class Trainer:
         tp, pp = dims.layout.tp, dims.layout.pp
         tied = tied_embedding_copies(pmodel)
         pending: PendingSave | None = None
+        async_group = async_save_group() if c.train.async_save else None  # one for every save of the run
         saved_step = step if resume is not None else None
         metrics, extra, stopped_by = {}, None, None
         batches_iter = iter(loader)
@@ -281,19 +283,23 @@ class Trainer:
                                             f"the data, or resume from an earlier checkpoint")
                 extra = {"data": data_state, "reward_mean": reward_mean.state_dict(), "trainer": dict(trainer_state)}
                 if stop_requested or (c.train.save_every and step % c.train.save_every == 0):
-                    pending = self._save(pending, step, pmodel, optimizer, scheduler, extra)
+                    pending = self._save(pending, step, pmodel, optimizer, scheduler, extra, async_group)
                     saved_step = step
                 if stop_requested:
                     stopped_by = signals.received or "a signal on another rank"
                     break
             if stopped_by is None and extra is not None and saved_step != step:
-                pending = self._save(pending, step, pmodel, optimizer, scheduler, extra)
+                pending = self._save(pending, step, pmodel, optimizer, scheduler, extra, async_group)
             if pending is not None:
                 pending.wait()
             final = None
             if stopped_by is None:
                 final = self._export(pmodel)
         finally:
+            if pending is not None:  # after an error: the background write ends before its group does
+                pending.close()
+            if async_group is not None:
+                dist.destroy_process_group(async_group)
             signals.restore()
             profiler.close()
             loader.close()
@@ -346,13 +352,14 @@ class Trainer:
                 out[name] = values[name] / pairs
         return out
 
-    def _save(self, pending, step, pmodel, optimizer, scheduler, extra) -> PendingSave:
+    def _save(self, pending, step, pmodel, optimizer, scheduler, extra, async_group) -> PendingSave:
         if pending is not None:
             pending.wait()
         with nvtx_range("checkpoint"):
             saved = save_checkpoint(self.out_dir, step=step, pmodel=pmodel, optimizer=optimizer, scheduler=scheduler,
                                     extra_state=extra, config_dict=self.config.to_dict(),
-                                    keep_last=self.config.train.keep_last, async_save=self.config.train.async_save)
+                                    keep_last=self.config.train.keep_last, async_save=self.config.train.async_save,
+                                    async_group=async_group)
         if not self.config.train.async_save:
             saved.wait()
         return saved

@@ -149,3 +149,25 @@ def test_shell_scripts_pass_shellcheck():
     result = subprocess.run([tool("shellcheck"), "-x", *map(str, SHELL_SCRIPTS)], cwd=REPO, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("user, seen", [
+    ({}, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    ({"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}, {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
+     {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+])
+def test_gpu_tasks_get_expandable_segments_unless_the_user_set_the_allocator(tmp_path, user, seen):
+    """pivot_train.sh with a stand-in srun that records the allocator variables its tasks would get."""
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nenv | grep "^PYTORCH_.*ALLOC_CONF=" | sort > "$SEEN"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if "ALLOC_CONF" not in k and not k.startswith("SLURM_")}
+    env.update(user, PATH=f"{fake.parent}:{env['PATH']}", SEEN=str(tmp_path / "seen"), CONFIG="run.yaml",
+               PIVOT_DEVICE="cuda", PIVOT_ROOT=str(REPO), LOG_DIR=str(tmp_path / "logs"))
+    done = subprocess.run(["bash", str(REPO / "examples" / "slurm" / "pivot_train.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "seen").read_text().split()
+    assert dict(line.split("=", 1) for line in lines) == seen

@@ -1,6 +1,8 @@
 """The loader: epochs cover every sample once over the ranks, exact resume, pairs, counters, backends."""
 
+import dataclasses
 import json
+import threading
 from collections import Counter
 
 import numpy as np
@@ -311,3 +313,51 @@ def test_micro_batches_run_through_the_model(llava_shards, tokenizer_dir, seed):
     assert torch.allclose(alone[0], logits[0, start:end], atol=1e-4)
     counts = Counter(batch.segment_sample.tolist())
     assert all(n == 1 for s, n in counts.items() if s >= 0)
+
+
+def _tensor_fields(obj, prefix=""):
+    """(dotted name, tensor) of every tensor field of a MicroBatch and of its PackedSeqs / Targets."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, torch.Tensor):
+            yield prefix + field.name, value
+        elif dataclasses.is_dataclass(value):
+            yield from _tensor_fields(value, f"{prefix}{field.name}.")
+
+
+@pytest.mark.parametrize("dpo_layout, prefetch", [("shared_prefix", 2), ("separate", 0)])
+def test_batches_for_a_gpu_are_pinned_where_they_are_made(dpo_shards, tokenizer_dir, image_token, monkeypatch,
+                                                          dpo_layout, prefetch):
+    """No CUDA here, so pinning and the thread's device binding are stood in for and recorded: every
+    tensor that ``MicroBatch.to`` moves must be a pinned copy, made in the thread that makes the batch
+    (the prefetch thread, bound to the training GPU first), and the batches must not change."""
+    pinned, bound = {}, {}
+
+    def pin_memory(tensor):
+        copy = tensor.clone()
+        pinned[id(copy)] = (threading.current_thread().name, copy)  # the copy kept alive: ids stay unique
+        return copy
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: bound.setdefault(threading.current_thread().name,
+                                                                                  device))
+    config = _config(dpo_shards, tokenizer_dir, mode="dpo", max_seq_len=384, dpo_layout=dpo_layout,
+                     prefetch=prefetch)
+    plain = _epoch(_loader(config, image_token))
+    assert not pinned and not bound  # training on the CPU: nothing is pinned
+    loader = PackedDataLoader(config, image_size=IMAGE_SIZE, num_image_tokens=IMAGE_TOKENS,
+                              image_token_id=image_token, pin_memory_device=3)
+    batches = _epoch(loader)
+    loader.close()
+    _same_batches(batches, plain)
+    producer = "pivot-data-prefetch" if prefetch else threading.main_thread().name
+    moved_names = set()
+    for batch in batches:
+        moved = dict(_tensor_fields(batch.to("meta")))
+        for name, tensor in _tensor_fields(batch):
+            if moved[name].device.type == "meta":
+                moved_names.add(name)
+                assert pinned.get(id(tensor), (None, None))[1] is tensor, f"{name} is not pinned"
+                assert pinned[id(tensor)][0] == producer
+    assert {"input_ids", "images", "packed.cu_seqlens", "targets.tokens"} <= moved_names
+    assert ("packed.prefix" in moved_names) == (dpo_layout == "shared_prefix")
+    assert bound == ({producer: 3} if prefetch else {})

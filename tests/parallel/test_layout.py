@@ -6,7 +6,7 @@ import pytest
 
 from pivot_mega.config import ConfigError
 from pivot_mega.parallel import ParallelConfig, detect_launch, resolve_layout, stage_layer_ranges
-from pivot_mega.parallel.mesh import first_host
+from pivot_mega.parallel.mesh import LaunchEnv, cuda_device_index, first_host, init_distributed
 from tests.parallel.test_equivalence import tiny_config
 
 
@@ -81,3 +81,36 @@ def test_ranks_from_torchrun_and_slurm():
                                             ("a-b[7]", "a-b7"), ("solo", "solo")])
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank():
+    assert cuda_device_index(3, 8) == 3
+    assert cuda_device_index(5, 1) == 0  # srun --gpus-per-task=1: each task sees its own GPU as device 0
+    with pytest.raises(ConfigError, match="local rank 4 has no GPU: this process sees 4"):
+        cuda_device_index(4, 4)
+
+
+@pytest.mark.parametrize("device_type, world_size", [("cuda", 8), ("cuda", 1), ("cpu", 8)])
+def test_the_default_group_is_bound_to_the_gpu_before_it_starts(monkeypatch, device_type, world_size):
+    """No GPU or peers here: torch's calls are stood in for, and what they were given recorded."""
+    import torch
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # set, then removed: the test's end restores them as they were
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    launch = LaunchEnv(rank=world_size - 1, world_size=world_size, local_rank=world_size - 1, master_addr="node7",
+                       master_port=1234, launcher="torchrun" if world_size > 1 else "single")
+    init_distributed(launch, device_type=device_type)
+    gpu = torch.device("cuda", world_size - 1)
+    if device_type == "cpu":
+        assert calls == [("gloo", {"rank": 7, "world_size": 8})]
+        return
+    assert calls[0] == ("set_device", gpu)  # before the group: NCCL's communicator is made on this GPU
+    backend, kwargs = calls[1]
+    assert backend == "nccl" and kwargs["device_id"] == gpu and kwargs["world_size"] == world_size

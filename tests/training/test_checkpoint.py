@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
@@ -12,6 +13,7 @@ from pivot_mega.models import CheckpointError, VisionLanguageModel, save_model
 from pivot_mega.parallel import ParallelConfig, build_mesh, lm_loss, parallelize
 from pivot_mega.training import (export_model, load_checkpoint, load_model_weights, resolve_resume,
                                  save_checkpoint)
+from pivot_mega.training.checkpoint import async_save_group
 from tests.distributed import run_workers
 from tests.parallel import test_equivalence
 from tests.parallel.test_equivalence import ROWS, _reduce_over_dp, make_batch, split, tiny_config
@@ -310,3 +312,51 @@ def test_a_rank_with_nothing_to_train_saves_and_loads(tmp_path, seed):
     fresh_optimizer = build_optimizer(fresh.named_parameters(), OptimConfig(), "cpu")
     load_checkpoint(tmp_path / "checkpoints" / "step_000001", pmodel=fresh, optimizer=fresh_optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_an_async_save_holds_the_state_of_its_step(tmp_path, seed):
+    """The state is copied before ``save_checkpoint`` returns: weights changed right after (as the next
+    optimizer step changes them while the write runs) are not in the checkpoint."""
+    model, optimizer = _model_and_optimizer(tiny_config(), seed)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    pending = save_checkpoint(tmp_path, step=1, pmodel=model, optimizer=optimizer, async_save=True)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    path = pending.wait()
+    fresh, fresh_optimizer = _model_and_optimizer(tiny_config(), seed + 1)
+    load_checkpoint(path, pmodel=fresh, optimizer=fresh_optimizer)
+    assert all(torch.equal(param, before[name]) for name, param in fresh.named_parameters())
+
+
+def _async_group_worker(rank, world_size, config, seed, out_dir):
+    pmodel = _build(ParallelConfig(), config, seed)
+    optimizer = torch.optim.AdamW(pmodel.parameters(), lr=1e-2)
+    group = async_save_group()
+    backend = dist.get_backend(group)
+    for step in (1, 2):
+        save_checkpoint(out_dir, step=step, pmodel=pmodel, optimizer=optimizer, async_save=True,
+                        async_group=group).wait()
+    dist.barrier(group=group)  # the saves leave the run's group to the run
+    pending = save_checkpoint(out_dir, step=3, pmodel=pmodel, optimizer=optimizer, async_save=True,
+                              async_group=group)
+    pending.close()  # as a run ending by an error does: the write finishes, nothing is committed
+    try:
+        pending.wait()
+        closed = None
+    except CheckpointError as e:
+        closed = str(e)
+    dist.destroy_process_group(group)
+    return {"backend": backend, "closed": closed}
+
+
+@pytest.mark.multiproc
+def test_async_saves_share_the_runs_gloo_group_and_close_leaves_the_write_uncommitted(tmp_path, seed):
+    results = run_workers(_async_group_worker, 2, tiny_config(), seed, tmp_path)
+    assert all(r["backend"] == "gloo" for r in results)
+    assert all("closed without being completed" in r["closed"] for r in results)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_000002"
+    assert resolve_resume(tmp_path, "auto") == root / "step_000002"
+    closed = root / "step_000003.tmp"
+    assert (closed / ".metadata").is_file() and not (closed / "checkpoint.json").exists()

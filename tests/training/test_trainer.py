@@ -16,6 +16,7 @@ import torch
 
 from pivot_mega.models.checkpoint_io import read_checkpoint
 from pivot_mega.models.mllm import VisionLanguageModel
+from pivot_mega.training.checkpoint import resolve_resume
 from pivot_mega.training.config import load_run_config
 from pivot_mega.training.trainer import Trainer, TrainingError
 from tests.distributed import require_procs, run_workers
@@ -194,6 +195,30 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert not (out / "checkpoints" / "step_000003").exists()
 
 
+def test_an_error_after_an_async_save_lets_the_write_finish_uncommitted(tmp_path, monkeypatch):
+    """Step 3 fails while step 2's checkpoint is written in the background: the run waits for the
+    write (before anything destroys its process group) and leaves it uncommitted, a .tmp that
+    resume skips; step 1's checkpoint, completed before step 2's began, is the latest."""
+    config = write_tiny_run(tmp_path, "sft", ["train.max_steps=4", "train.save_every=1", "train.async_save=true"])
+    from pivot_mega.training.steps import StepRunner
+    run = StepRunner.run
+    calls = {"n": 0}
+
+    def failing(self, batches):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("lost a GPU")
+        return run(self, batches)
+    monkeypatch.setattr(StepRunner, "run", failing)
+    with pytest.raises(RuntimeError, match="lost a GPU"):
+        train(config)
+    root = tmp_path / "out" / "checkpoints"
+    written = root / "step_000002.tmp"
+    assert (written / ".metadata").is_file() and not (written / "checkpoint.json").exists()
+    assert (root / "latest").read_text().strip() == "step_000001"
+    assert resolve_resume(tmp_path / "out", "auto") == root / "step_000001"
+
+
 # ----------------------------------------------------------------------------------------------
 # parallel layouts: every step takes the whole epoch, so any data-parallel split sees the same batch
 
@@ -314,6 +339,17 @@ def test_bench_steps_agree_with_the_naive_step():
         assert run_benchmark(BenchOptions(stage=stage, preset="tiny", steps=1, warmup=0))["optimised"]["step_time_s"] > 0
     fp8 = run_benchmark(BenchOptions(stage="sft", preset="tiny", steps=1, warmup=0, fp8="torchao"))
     assert fp8["fp8"] == "torchao" and math.isfinite(fp8["optimised"]["first_loss"])
+
+
+def test_bench_command_destroys_the_process_group_it_made(capsys, monkeypatch):
+    import torch.distributed as dist
+
+    from pivot_mega.cli import main
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # what main sets, undone after
+    assert main(["bench", "--preset", "tiny", "--stage", "sft", "--steps", "1", "--warmup", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimised"]["step_time_s"] > 0
+    assert not dist.is_initialized()
 
 
 def test_torch_profiler_window_traces_the_steps_phases(tmp_path):

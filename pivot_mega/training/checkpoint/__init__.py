@@ -6,8 +6,8 @@
   ranks.py      ranks agreeing on errors, per-rank RNG state, atomic file writes
 """
 
-from .dcp import LoadedCheckpoint, PendingSave, load_checkpoint, resolve_resume, save_checkpoint
+from .dcp import LoadedCheckpoint, PendingSave, async_save_group, load_checkpoint, resolve_resume, save_checkpoint
 from .portable import export_model, load_model_weights
 
-__all__ = ["LoadedCheckpoint", "PendingSave", "export_model", "load_checkpoint", "load_model_weights",
-           "resolve_resume", "save_checkpoint"]
+__all__ = ["LoadedCheckpoint", "PendingSave", "async_save_group", "export_model", "load_checkpoint",
+           "load_model_weights", "resolve_resume", "save_checkpoint"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import re
@@ -75,6 +76,8 @@ _MAX_LISTED = 20
 # Flattened optimizer state: keyed by parameter name, so pipeline stages and other layouts can map it.
 _STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
+log = logging.getLogger(__name__)
+
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
@@ -84,21 +87,30 @@ def checkpoint_name(step: int) -> str:
 # save
 
 
+def async_save_group():
+    """The process group of asynchronous saves: gloo, since DCP's async save runs its collectives on a
+    CPU backend (the main group is NCCL on GPUs), and a group of its own, so that the background
+    write's collectives never interleave with the training step's. Make it once per run and pass it
+    to every save (a new group connects every pair of ranks); None without torch.distributed."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 class PendingSave:
     """A checkpoint being written; ``wait()`` completes it and returns its directory.
 
     A synchronous save is complete when ``save_checkpoint`` returns. An asynchronous one writes in a
     background thread: every rank must call ``wait()`` at the same point, before the next save and
     before the process exits. Until then the checkpoint is a ``.tmp`` directory that resume ignores.
+    A run that ends by an error calls ``close()`` instead.
     """
 
     def __init__(self, root: Path, step: int, manifest_text: str, keep_last: int, future: Future | None = None,
-                 group=None):
+                 group=None, owns_group: bool = False):
         self.root, self.step, self.path = root, step, root / checkpoint_name(step)
         self.tmp = _in_progress(self.path)
         self._manifest_text, self._keep_last = manifest_text, keep_last
-        self._future, self._group = future, group
-        self._complete = False
+        self._future, self._group, self._owns_group = future, group, owns_group
+        self._complete = self._closed = False
 
     def done(self) -> bool:
         """True once the background write has finished (``wait()`` still renames it into place)."""
@@ -107,20 +119,44 @@ class PendingSave:
     def wait(self) -> Path:
         if self._complete:
             return self.path
+        if self._closed:
+            raise CheckpointError(f"{self.tmp}: the save was closed without being completed")
         error = None
-        if self._future is not None:
-            try:
-                self._future.result()
-            except Exception as e:  # noqa: BLE001 - reported on every rank below
-                error = f"writing {self.tmp} failed: {e!r}"
-            self._future = None
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-            self._group = None
-        raise_if_any_rank_failed(error)
+        try:
+            self._future_result()
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"writing {self.tmp} failed: {e!r}"
+        try:
+            raise_if_any_rank_failed(error)
+        except CheckpointError:
+            self._closed = True  # a failed write is never committed by a later wait()
+            raise
         run_on_rank0(self._commit)
         self._complete = True
         return self.path
+
+    def close(self) -> None:
+        """Lets the background write finish, leaves it uncommitted (a ``.tmp`` that resume ignores) and
+        frees its group: for a run ending by an error, when the other ranks may never reach ``wait()``,
+        so nothing here uses the main group. Before the process groups are destroyed: the write's
+        collectives run on its group. Nothing to do after ``wait()``."""
+        if self._complete or self._closed:
+            return
+        self._closed = True
+        try:
+            self._future_result()
+        except Exception as e:  # noqa: BLE001 - the run is already failing; say why this save is lost
+            log.warning("checkpoint: %s left incomplete: %r", self.tmp, e)
+
+    def _future_result(self) -> None:
+        try:
+            if self._future is not None:
+                self._future.result()
+        finally:
+            self._future = None
+            if self._group is not None and self._owns_group:
+                dist.destroy_process_group(self._group)
+            self._group = None
 
     def _commit(self) -> None:
         """Manifest last into the temp dir, rename it into place, point ``latest`` at it, prune."""
@@ -139,15 +175,18 @@ class PendingSave:
 
 def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelModel | nn.Module,
                     optimizer: torch.optim.Optimizer | None, scheduler=None, extra_state: dict | None = None,
-                    config_dict: dict | None = None, keep_last: int = 3, async_save: bool = False) -> PendingSave:
+                    config_dict: dict | None = None, keep_last: int = 3, async_save: bool = False,
+                    async_group=None) -> PendingSave:
     """Writes ``OUT/checkpoints/step_NNNNNN`` from every rank (call it on all ranks, at the same step).
 
     ``extra_state`` is this rank's JSON-able state (the data loader's position...); ``config_dict`` the
     resolved run config (JSON-able, rank 0's is written); ``scheduler`` any object with
     ``state_dict()`` / ``load_state_dict()`` giving JSON-able state (torch's LR schedulers do).
     ``keep_last`` complete checkpoints are kept (by step; the one just written always). With
-    ``async_save`` the shards are copied to CPU memory now and written in the background: call
-    ``wait()`` on the result before the next save and before exiting.
+    ``async_save`` the shards are copied to CPU memory now, before this returns (so the next optimizer
+    step may change them), and written in the background: call ``wait()`` on the result before the
+    next save and before exiting. ``async_group``: the group of the background write's collectives
+    (``async_save_group()``, made once per run); None: one made for this save.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -192,11 +231,12 @@ def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelMo
         pending = PendingSave(root, step, texts["manifest"], keep_last)
         pending.wait()
         return pending
-    # The background thread runs collectives of its own: on a group of its own (gloo: DCP's async save
-    # needs a CPU backend), so they never interleave with the training step's.
-    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    owns_group = async_group is None
+    group = async_save_group() if owns_group else async_group
+    # FileSystemWriter is a BlockingAsyncStager: async_save copies the state to CPU memory before it
+    # returns a plain Future (not an AsyncSaveResponse, whose staging would still be running).
     future = dcp.async_save(state, storage_writer=writer, process_group=group)
-    return PendingSave(root, step, texts["manifest"], keep_last, future, group)
+    return PendingSave(root, step, texts["manifest"], keep_last, future, group, owns_group)
 
 
 def _in_progress(path: Path) -> Path:
