@@ -22,9 +22,10 @@ key, so per-rank values would need rank-numbered keys that a run of another size
 data loader's position is worth reading by hand. RNG streams only continue when the world size is
 the same; with another world size they are left as the new run seeded them.
 
-Trust: shards, optimizer hyper-parameters and rank files are read with ``weights_only=True``, but
-DCP's own ``.metadata`` is a pickle. Resume only from checkpoints of runs you trust; models are
-shared as portable safetensors checkpoints (``portable.export_model``).
+Trust: shards, optimizer hyper-parameters and rank files are read with ``weights_only=True``, and
+DCP's own ``.metadata``, a pickle, through ``dcp_metadata.MetadataReader``, which admits only the classes
+DCP writes. Still resume only from checkpoints of runs you trust; models are shared as portable
+safetensors checkpoints (``portable.export_model``).
 
 Writers: every rank writes into the one directory (a shared file system across nodes, as DCP's
 FileSystemWriter expects); rank 0 alone removes, renames and prunes. A save removes a stale ``.tmp`` of the step it is
@@ -58,6 +59,7 @@ from ...config import ModelConfig
 from ...models.checkpoint_files import CheckpointError, check_tensors
 from ...models.checkpoint_io import expected_shapes
 from ...parallel import ParallelModel
+from .dcp_metadata import MetadataReader
 from .ranks import (raise_if_any_rank_failed, rank, rng_state, run_on_rank0, set_rng_state, single_process_quiet,
                     world_size, write_text_atomic)
 from .stages import model_config, rank_module
@@ -334,7 +336,7 @@ def load_checkpoint(directory: str | os.PathLike, *, pmodel: ParallelModel | nn.
         raise CheckpointError(f"{directory / MANIFEST_FILE}: holds no scheduler state, but a scheduler was given")
 
     with single_process_quiet():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(directory), planner=_WeightsOnlyLoadPlanner(),
+        dcp.load(state, storage_reader=MetadataReader(directory), planner=_WeightsOnlyLoadPlanner(),
                  no_dist=world_size() == 1)
     module = rank_module(pmodel)
     if not _holds_parameters(optimizer):
@@ -386,7 +388,9 @@ def _read_manifest(directory: Path) -> dict:
 
 def _read_dcp_metadata(directory: Path) -> Metadata:
     try:
-        return dcp.FileSystemReader(directory).read_metadata()
+        return MetadataReader(directory).read_metadata()
+    except CheckpointError:
+        raise  # a class DCP never writes, named
     except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises anything
         raise CheckpointError(f"{directory / DCP_METADATA_FILE}: cannot read the checkpoint's metadata, it is "
                               f"corrupt or incomplete ({type(e).__name__}: {e})") from e
