@@ -32,6 +32,9 @@ def register(sub) -> dict:
                       help="a reduced run for tests: 5%% of the steps, 10%% of the data, smaller probe sets "
                            "(--steps-scale / --data-scale still apply on top)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the splits and every stage (default 0)")
+    demo.add_argument("--seeds", type=int, default=1, metavar="N",
+                      help="run stage 2 (SFT and DPO) and its evaluation with N seeds (seed, seed+1, ...) and "
+                           "compare DPO with SFT over them, with error bars (default 1)")
     demo.add_argument("--threads", type=int, default=0, metavar="N",
                       help="torch threads (default: torch's choice, one per core)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars in the training stages")
@@ -41,9 +44,13 @@ def register(sub) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .pipeline import DemoOptions, run_demo
 
-    changes = {"seed": args.seed, "progress": not args.no_progress, "threads": args.threads}
-    if args.steps_scale is not None:
+    if args.seeds < 1:
+        print(f"pivot-mega demo: error: --seeds {args.seeds}: give 1 or more", file=sys.stderr)
+        return 2
+    changes = {"seed": args.seed, "progress": not args.no_progress, "threads": args.threads, "seeds": args.seeds}
+    if args.steps_scale is not None:  # every stage's steps, stage 1b's in --quick too
         changes["steps_scale"] = args.steps_scale
+        changes["stage_scales"] = {}
     if args.data_scale is not None:
         changes["data_scale"] = args.data_scale
     options = DemoOptions.quick(args.out, **changes) if args.quick else DemoOptions(out=args.out, **changes)

@@ -230,6 +230,24 @@ def _chance_lines(answers: dict, probe_rows: list[dict], n_val: int) -> list[str
     return lines
 
 
+def _seed_lines(over_seeds: dict | None) -> list[str]:
+    """The DPO-vs-SFT table over stage 2's seeds (``--seeds``), with standard errors."""
+    if not over_seeds:
+        return []
+    seeds = over_seeds["seeds"]
+    rows = []
+    for row in over_seeds["metrics"]:
+        se = "" if row["difference_se"] is None else f" ± {row['difference_interval']:.1f}"
+        per_seed = ", ".join(f"{d - s:+.1f}" for s, d in zip(row["sft"], row["dpo"]))
+        rows.append([row["metric"], f"{row['sft_mean']:.1f}", f"{row['dpo_mean']:.1f}",
+                     f"{row['difference']:+.1f}{se}", per_seed, row["verdict"]])
+    return [f"Over stage 2's {seeds} seed(s) ({', '.join(str(s) for s in over_seeds['seed_values'])}; each seed "
+            "trains SFT and DPO again from the same stage-1b checkpoint; DPO - SFT is the mean of the per-seed "
+            "differences ± its 95 % interval, Student's t over the seeds; the seeds share the held-out images, "
+            "so the interval is the training's variation, not the image sample's):", "",
+            _table(["measure", "SFT mean", "DPO mean", "DPO - SFT", "per seed", "verdict"], rows), ""]
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -348,10 +366,11 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         f"stage 1b {answers['stage1b']['accuracy']:.1f}%.",
         "",
         *_chance_lines(answers, probe_rows, n_val),
+        *_seed_lines(summary.get("over_seeds")),
         "The noise bands are two standard errors of a difference of two accuracies on this many images; with "
         "a few hundred held-out images, differences of a few points are not evidence either way. The toy "
         "differs from PIVOT in every size that matters (towers trained from scratch for minutes instead of "
-        "pretrained SigLIP 2 and Qwen2.5, 10 classes, a few hundred steps), so the demo shows the machinery "
+        "pretrained SigLIP 2 and Qwen2.5, 10 classes, a few thousand steps), so the demo shows the machinery "
         "working end to end, not the paper's result.",
         "",
         "## Saliency",
