@@ -54,6 +54,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .models import CheckpointError
+    from .training.metrics import MetricsFileError
 
     default_cuda_alloc_conf(os.environ)
     parser, runners = build_parser()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return runners[args.command](args) or 0
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, MetricsFileError) as e:
         print(f"pivot-mega {args.command}: error: {e}", file=sys.stderr)
         return 2
 

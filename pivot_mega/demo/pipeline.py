@@ -291,8 +291,10 @@ def count_parameters(checkpoint: str) -> dict[str, int]:
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does)."""
+    from ..training.metrics import METRICS_FILE, read_metrics_lines
+
+    return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
 
 
 # ----------------------------------------------------------------------------------------------

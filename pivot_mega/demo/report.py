@@ -29,8 +29,10 @@ DATA = {"stage1a": "captions (plain template)", "stage1b": "conversations (ChatM
 
 
 def _metrics(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does)."""
+    from ..training.metrics import METRICS_FILE, read_metrics_lines
+
+    return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -4,23 +4,82 @@
 ``metrics.jsonl`` holds one JSON object per step: ``step``, ``time`` (seconds since the run started),
 the step's metrics (``loss``, ``grad_norm``, ``lr``, DPO's ``rewards/*`` ...) and, on logging steps,
 the interval's throughput under ``perf/``. A resumed run first drops the lines of steps after its
-checkpoint, so the file reads as one run.
+checkpoint, so the file reads as one run. A crash or a full disk can leave a torn last line; readers drop it
+with a warning (a bad line anywhere else is an error), and the resume-time rewrite is atomic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 from ..profiling import ThroughputMeter
+from .checkpoint.ranks import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsFileError(ValueError):
+    """A line of ``metrics.jsonl`` other than the last is not a JSON object."""
+
+
+def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """The file's ``(line, record)`` pairs, blank lines skipped. A torn last line (one that does not parse:
+    the write of a crashed or disk-full run) is dropped with a warning; a bad line before it raises."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    last = max((number for number, line in enumerate(lines, start=1) if line.strip()), default=0)
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if number == last:
+                log.warning("metrics: dropped a torn last line of %s (%d bytes)", path, len(line.encode()))
+                break
+            raise MetricsFileError(f"{path}: line {number} is not a JSON object ({e}); fix or delete the line")
+        pairs.append((line, record))
+    return pairs
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cuts a last line without its newline that does not parse, so an append starts on a line of its own (a
+    complete last line that only lacks the newline gets one)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        start, tail = size, b""
+        while start > 0 and b"\n" not in tail:  # read back to the last newline, a block at a time
+            step = min(start, 1 << 16)
+            start -= step
+            f.seek(start)
+            tail = f.read(step) + tail
+        if not tail or tail.endswith(b"\n"):
+            return
+        fragment = tail[tail.rfind(b"\n") + 1:]
+        try:
+            complete = isinstance(json.loads(fragment), dict)
+        except ValueError:
+            complete = False
+        if complete:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            return
+        log.warning("metrics: dropped a torn last line of %s (%d bytes)", path, len(fragment))
+        f.truncate(size - len(fragment))
 
 
 def host_peak_memory_gb() -> float:
@@ -57,9 +116,8 @@ class MetricsLogger:
         """Keeps the lines of steps <= ``step`` (a resumed run redoes the others)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line, record in read_metrics_lines(self.path) if record.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def add_step(self, tokens: int, flops: float, data_wait_s: float) -> None:
         self.interval.add_step(tokens, flops, data_wait_s)
@@ -77,6 +135,7 @@ class MetricsLogger:
             record.update({f"perf/{k}": v for k, v in perf.items()})
             self._print(step, metrics, perf)
         if self._file is None:
+            drop_torn_tail(self.path)
             self._file = self.path.open("a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

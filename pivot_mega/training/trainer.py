@@ -41,7 +41,7 @@ from ..precision import apply_precision, check_precision, precision_autocast
 from ..profiling import StepProfiler, nvtx_range, peak_tflops
 from .checkpoint.dcp import (LoadedCheckpoint, PendingSave, async_save_group, load_checkpoint, resolve_resume,
                              save_checkpoint)
-from .checkpoint.portable import export_model, load_model_weights
+from .checkpoint.portable import NonFiniteWeightsError, export_model, load_model_weights
 from .config import RunConfig
 from .losses import RunningRewardMean, dpo_metric_names
 from .metrics import MetricsLogger
@@ -294,6 +294,12 @@ class Trainer:
                 pending.wait()
             final = None
             if stopped_by is None:
+                skipped = trainer_state["bad_steps_in_a_row"]
+                if skipped:  # the same on every rank: the non-finite check is all-reduced
+                    raise TrainingError(f"the last {skipped} step(s) of the run had a non-finite loss or gradient "
+                                        f"norm and were skipped: the weights were not updated by them; no final "
+                                        f"export. Lower optim.lr, check the data, or resume from an earlier "
+                                        f"checkpoint")
                 final = self._export(pmodel)
         finally:
             if pending is not None:  # after an error: the background write ends before its group does
@@ -382,7 +388,10 @@ class Trainer:
             if (init / "vision_unused.safetensors").is_file():
                 unused = read_safetensors_dir(init, stem="vision_unused")
         with nvtx_range("export"):
-            export_model(pmodel, final, unused_vision=unused or None)
+            try:
+                export_model(pmodel, final, unused_vision=unused or None)
+            except NonFiniteWeightsError as e:  # the run's outcome, not a checkpoint fault: one line at the CLI
+                raise TrainingError(str(e)) from e
         if dist.get_rank() == 0:
             copy_tokenizer_files(c.data.tokenizer, final)
             if c.train.export_hf:

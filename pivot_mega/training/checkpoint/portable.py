@@ -53,20 +53,29 @@ def load_model_weights(pmodel: ParallelModel | nn.Module, directory: str | os.Pa
                 _copy_full_value(name, target, full)
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """The model holds NaN or Inf: an export would hand garbage on as a finished model."""
+
+
 def export_model(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike,
                  unused_vision: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes the model as a portable checkpoint (``VisionLanguageModel.from_checkpoint``,
     ``pivot-mega convert export-hf``). Every rank gathers its stage's full tensors; one rank per
-    pipeline stage sends them to rank 0, which writes. Call on all ranks."""
+    pipeline stage sends them to rank 0, which writes. Call on all ranks. Raises
+    ``NonFiniteWeightsError`` on every rank, writing nothing, if any tensor holds NaN or Inf."""
     directory = Path(directory)
     config = model_config(pmodel)
     sender = not isinstance(pmodel, ParallelModel) or (pmodel.dims.dp_rank == 0 and pmodel.dims.tp_rank == 0)
     local: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []
     for module in stage_modules(pmodel):
         for name, tensor in module.state_dict().items():
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective over its mesh
+            if full.is_floating_point() and not bool(torch.isfinite(full).all()):
+                non_finite.append(name)
             if sender:
                 local[name] = full.detach().cpu()
+    _refuse_non_finite(directory, non_finite)
     copies = _gather_on_rank0(local if sender else {}, comm_device(pmodel))
 
     def write() -> None:
@@ -82,6 +91,18 @@ def export_model(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike
         write_checkpoint(directory, config, tensors, unused_vision=unused_vision)
     run_on_rank0(write)
     return directory
+
+
+def _refuse_non_finite(directory: Path, non_finite: list[str]) -> None:
+    """Raises on every rank if any rank's stage holds a non-finite tensor (each rank checks its own)."""
+    per_rank = [non_finite]
+    if world_size() > 1:
+        per_rank = [None] * world_size()
+        dist.all_gather_object(per_rank, non_finite)
+    names = list(dict.fromkeys(name for names in per_rank for name in names))  # replicas report the same names
+    if names:
+        raise NonFiniteWeightsError(f"refusing to export {directory}: {len(names)} tensor(s) hold NaN or Inf, the "
+                                    f"first {names[0]}; the model is garbage. Resume from an earlier checkpoint")
 
 
 def _gather_on_rank0(tensors: dict[str, torch.Tensor], device: torch.device) -> list[tuple[int, dict]]:
