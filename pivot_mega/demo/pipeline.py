@@ -292,9 +292,9 @@ def count_parameters(checkpoint: str) -> dict[str, int]:
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does)."""
-    from ..training.metrics import METRICS_FILE, read_metrics_lines
+    from ..training.metrics import read_metrics
 
-    return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
+    return read_metrics(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ DATA = {"stage1a": "captions (plain template)", "stage1b": "conversations (ChatM
 
 def _metrics(out_dir: str | Path) -> list[dict]:
     """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does)."""
-    from ..training.metrics import METRICS_FILE, read_metrics_lines
+    from ..training.metrics import read_metrics
 
-    return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
+    return read_metrics(out_dir)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

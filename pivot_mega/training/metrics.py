@@ -30,6 +30,11 @@ class MetricsFileError(ValueError):
     """A line of ``metrics.jsonl`` other than the last is not a JSON object."""
 
 
+def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
+    """A run's ``metrics.jsonl`` records, read as :func:`read_metrics_lines` reads them."""
+    return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
+
+
 def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
     """The file's ``(line, record)`` pairs, blank lines skipped. A torn last line (one that does not parse:
     the write of a crashed or disk-full run) is dropped with a warning; a bad line before it raises."""
