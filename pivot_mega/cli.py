@@ -8,11 +8,19 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-from . import demo
-from .convert import commands as convert_commands
-from .data import commands as data_commands
-from .eval import commands as eval_commands
-from .training import commands as training_commands
+from . import signals
+
+# A train job may be signalled (scancel, Slurm's pre-timeout warning) while the imports below run:
+# its stop handlers come first, so that the signal stops it cleanly instead of killing it.
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "pivot-mega":
+    if sys.argv[1:2] == ["train"]:
+        signals.install_early()
+
+from . import demo  # noqa: E402 - after the handlers
+from .convert import commands as convert_commands  # noqa: E402
+from .data import commands as data_commands  # noqa: E402
+from .eval import commands as eval_commands  # noqa: E402
+from .training import commands as training_commands  # noqa: E402
 
 # Each ``register(sub)`` adds its subparsers and returns {command name: run(args) -> exit code}; what a
 # command runs is imported when it runs. In this order ``pivot-mega --help`` lists the commands.
@@ -52,8 +60,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from .config import ConfigError
     from .models import CheckpointError
+    from .training.checkpoint.dcp import describe_dcp_failure
     from .training.metrics import MetricsFileError
 
     default_cuda_alloc_conf(os.environ)
@@ -64,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return runners[args.command](args) or 0
     except (CheckpointError, ConfigError, MetricsFileError) as e:
         print(f"pivot-mega {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointException as e:  # DCP's, a BaseException: each rank's failure on one line
+        print(f"pivot-mega {args.command}: error: checkpoint: {describe_dcp_failure(e)}", file=sys.stderr)
         return 2
 
 

@@ -119,6 +119,10 @@ class ThroughputMeter:
         self._start = time.perf_counter()
         self.tokens, self.flops, self.data_wait = 0, 0.0, 0.0
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` of wall time (work that is not training) out of the interval."""
+        self._start += seconds
+
     def add_step(self, tokens: int, flops: float, data_wait_s: float = 0.0) -> None:
         self.tokens += tokens
         self.flops += flops

@@ -13,7 +13,7 @@ from pivot_mega import VisionLanguageModel
 from pivot_mega.cli import build_parser, main
 from pivot_mega.demo.pipeline import STAGES
 
-PLOTS = ("loss.png", "dpo.png", "probe.png", "saliency.png")
+PLOTS = ("loss.png", "dpo.png", "probe.png", "probe_steps.png", "saliency.png")
 # Stage 1b of --quick (700 steps on 30 % of the digits) answered 61 % of its 80 held-out images at 2
 # threads; chance is 10 % and two standard errors 6.7 points.
 QUICK_STAGE1B_ANSWERS = 30.0
@@ -40,16 +40,26 @@ def test_demo_writes_report_plots_and_metrics(demo_out):
         assert f"plots/{name}" in report
     assert "nan" not in report.lower().replace("nanmean", "")
 
+    summary = json.loads((demo_out / "summary.json").read_text())
     for stage in STAGES:
-        rows = [json.loads(line) for line in (demo_out / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (demo_out / "stages" / stage / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in records if "loss" in r]
+        probes = [r for r in records if "probe/time_s" in r]
         assert rows and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        if stage in ("sft", "dpo"):  # probed while training, at step 0, every few steps and at the end
+            assert probes[0]["step"] == 0 and probes[-1]["step"] == len(rows) and len(probes) >= 3
+            # the last online probe read the final weights: the offline probe of the exported model agrees
+            for r in summary["probe"]:
+                if r["encoder"] == stage:
+                    assert probes[-1][f"probe/{r['features']}/{r['probe']}/top1"] == pytest.approx(r["top1"], abs=1e-6)
+        else:
+            assert not probes
         assert all(_finite(r["loss"]) and _finite(r["grad_norm"]) for r in rows), stage
         if stage == "dpo":
             assert all(_finite(r["rewards/accuracies"]) and _finite(r["rewards/margins"]) for r in rows)
             assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
         assert (demo_out / "configs" / f"{stage}.yaml").is_file()
 
-    summary = json.loads((demo_out / "summary.json").read_text())
     probe = summary["probe"]
     assert {(r["encoder"], r["features"], r["probe"]) for r in probe} == {
         (s, f, p) for s in STAGES for f in ("vit", "projector") for p in ("prototype", "logistic")}

@@ -2,8 +2,8 @@
 # The body of the examples/pivot_*_h100.sbatch files (sourced by them after they set their defaults):
 # one `pivot-mega train` stage over NODES x GPUS_PER_NODE tasks launched by srun, one task per GPU.
 # Ranks come from Slurm (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the rendezvous host is the
-# first node of the step, the port 29500 + job id mod 10000: pivot_mega/parallel/mesh.py), so no
-# torchrun is needed.
+# first node of the step, at its Slurm NodeAddr (MASTER_ADDR, below), the port 29500 + job id mod
+# 10000: pivot_mega/parallel/mesh.py), so no torchrun is needed.
 #
 # Variables (set them in the environment of `sbatch`, or edit the defaults in the .sbatch file):
 #   CONFIG            run config YAML (required)
@@ -45,6 +45,19 @@ set -euo pipefail
 restart=${SLURM_RESTART_COUNT:-0}
 echo "pivot_train: job ${SLURM_JOB_ID:-?} start ${restart} on ${SLURM_JOB_NUM_NODES:-1} node(s)" \
   "(${SLURM_JOB_NODELIST:-?}), ${SLURM_NTASKS:-1} task(s), device ${PIVOT_DEVICE}, config ${CONFIG}"
+
+# ---- rendezvous -------------------------------------------------------------------------------
+# Rank 0 runs on the first node of the job; the other ranks reach it at that node's NodeAddr, the
+# address Slurm itself uses to reach the node (the node's name where slurm.conf sets none, so most
+# clusters get the name, as before). A MASTER_ADDR set by the user is kept.
+if [[ -z ${MASTER_ADDR:-} && -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null; then
+  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p) || first_node=""
+  if [[ -n $first_node ]]; then
+    node_addr=$(scontrol show node -o "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p') || node_addr=""
+    export MASTER_ADDR=${node_addr:-$first_node}
+    echo "pivot_train: rendezvous on ${first_node} at ${MASTER_ADDR}"
+  fi
+fi
 
 # ---- environment of every task ----------------------------------------------------------------
 # One OpenMP/MKL thread pool per task, sized to its CPUs (the default is every core of the node).

@@ -21,8 +21,8 @@ import torch
 
 from ..config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig, from_dict, load_yaml
 from ..data.tokenizer import copy_tokenizer_files
-from ..models.checkpoint_files import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, check_tensors, read_safetensors_dir,
-                                       write_safetensors_dir)
+from ..models.checkpoint_files import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, check_tensors, read_json,
+                                       read_safetensors_dir, write_safetensors_dir)
 from ..models.checkpoint_io import expected_shapes, read_checkpoint, write_checkpoint
 from ..models.mllm import init_parameters
 from ..models.projector import Projector
@@ -37,7 +37,7 @@ IGNORED_REFERENCE_TENSORS = ("model.image_newline",)
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no config.json (expected a Hugging Face model directory)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,11 +60,16 @@ class DataConfig:
     num_threads: int = 4
     # Micro-batches prepared ahead by a background thread (0: prepare on demand).
     prefetch: int = 2
+    # A run stops when more than this fraction of the samples read so far were skipped, counted
+    # after at least 100 samples read (the trainer checks the loader's counters).
+    max_skipped_fraction: float = 0.01
 
     def validate(self, where: str = "data") -> "DataConfig":
         for name in ("max_seq_len", "micro_batch_rows", "window_size", "num_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"{where}.max_skipped_fraction: must be in [0, 1], got {self.max_skipped_fraction}")
         if self.prefetch < 0:
             raise ConfigError(f"{where}.prefetch: must be >= 0, got {self.prefetch}")
         if not self.shards:

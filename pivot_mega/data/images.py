@@ -58,12 +58,43 @@ def resize_like_dali(rgb: np.ndarray, size: int) -> np.ndarray:
                      for c in range(3)], axis=-1)
 
 
+class UndecodableImages(DataError):
+    """Images of a decoder call that do not decode: ``problems`` maps their position in the call to why.
+
+    The decoders know bytes, not files: the loader names the shard, member and sample.
+    """
+
+    def __init__(self, problems: dict[int, str]):
+        super().__init__("; ".join(f"image {k}: {why}" for k, why in sorted(problems.items())))
+        self.problems = problems
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded image → ``[H, W, 3]`` uint8 RGB (no EXIF rotation)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def decode_problem(error: Exception) -> str:
+    """One line for why PIL could not decode an image (its own names a BytesIO object, not a file)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can read"
+    return f"{type(error).__name__}: {error}"
+
+
+def pillow_problems(encoded: list[bytes]) -> dict[int, str]:
+    """{position: why} of the images PIL cannot decode."""
+    problems = {}
+    for k, data in enumerate(encoded):
+        try:
+            decode_rgb(data)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            problems[k] = decode_problem(e)
+    return problems
 
 
 class PillowDecoder:
@@ -75,14 +106,22 @@ class PillowDecoder:
         self.image_size = image_size
         self._pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
 
-    def _one(self, data: bytes) -> np.ndarray:
-        pixels = resize_like_dali(decode_rgb(data), self.image_size)
+    def _one(self, data: bytes) -> np.ndarray | str:
+        try:
+            rgb = decode_rgb(data)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            return decode_problem(e)
+        pixels = resize_like_dali(rgb, self.image_size)
         return (pixels / np.float32(127.5) - np.float32(1.0)).transpose(2, 0, 1)
 
     def __call__(self, encoded: list[bytes]) -> torch.Tensor:
+        """Raises UndecodableImages naming every image of the call that does not decode."""
         if not encoded:
             return torch.empty(0, 3, self.image_size, self.image_size)
         images = list(self._pool.map(self._one, encoded)) if self._pool else [self._one(b) for b in encoded]
+        problems = {k: image for k, image in enumerate(images) if isinstance(image, str)}
+        if problems:
+            raise UndecodableImages(problems)
         return torch.from_numpy(np.stack(images))
 
     def close(self) -> None:
@@ -125,10 +164,18 @@ class DaliDecoder:
         return pipe
 
     def __call__(self, encoded: list[bytes]) -> torch.Tensor:
+        """Raises UndecodableImages naming the images PIL cannot decode either when DALI fails."""
         if not encoded:
             device = f"cuda:{self.device_id}" if self.device == "mixed" else "cpu"
             return torch.empty(0, 3, self.image_size, self.image_size, device=device)
-        chunks = [self._run(encoded[i:i + DALI_MAX_BATCH]) for i in range(0, len(encoded), DALI_MAX_BATCH)]
+        try:
+            chunks = [self._run(encoded[i:i + DALI_MAX_BATCH]) for i in range(0, len(encoded), DALI_MAX_BATCH)]
+        except RuntimeError as e:
+            # DALI's error does not say which image of the batch failed; PIL does, and failures are rare.
+            problems = pillow_problems(encoded)
+            if not problems:
+                raise DataError(f"data.backend 'dali' failed on images PIL decodes: {e}") from e
+            raise UndecodableImages(problems) from None
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def _run(self, encoded: list[bytes]) -> torch.Tensor:

@@ -38,24 +38,32 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .images import make_image_decoder
+from .images import UndecodableImages, make_image_decoder
 from ..batch import IGNORE_INDEX, MicroBatch
 from .packing import build_micro_batch, plan_window
-from .shards import ShardSet
+from .shards import BadSidecar, ShardSet
 from .sources import DataError
 from .templates import LoadSkip, TextEncoder, Unit
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+BAD_IMAGE = "bad_image"
+# Skips of broken data (not of samples a template or the length limit leaves out) are logged, this
+# many per reason; the counters keep counting.
+BROKEN_DATA = (BadSidecar.reason, BAD_IMAGE)
+LOGGED_SKIPS = 5
 
 
 @dataclasses.dataclass
 class DataCounters:
     """Running totals for logging.
 
-    ``samples_read`` and ``skipped`` count the whole plan (every rank reads every sidecar);
-    the other counters cover this rank's micro-batches. A DPO pair is one sample.
+    ``samples_read`` and ``skipped`` count the whole plan (every rank reads every sidecar), except
+    ``skipped["bad_image"]``: an image is decoded, and found broken, only by the rank that trains on
+    it. The other counters cover this rank's micro-batches. A DPO pair is one sample. Both are counted
+    when the micro-batch they come with is yielded (a window's reads and skips with its first one)
+    and saved in the loader state, so they add up over the whole run, resumes included.
     """
 
     samples_read: int = 0
@@ -135,6 +143,7 @@ class PackedDataLoader:
         log.info("data: %d samples in %s, %s images, rank %d of %d", len(self.shards), config.shards,
                  self.decoder.name, rank, world_size)
         self.counters = DataCounters()
+        self._logged_skips: Counter = Counter()
         self._position = _Position()
         self._generation = 0
         self._prefetcher: _Prefetcher | None = None
@@ -175,6 +184,12 @@ class PackedDataLoader:
         c = self.counters
         c.samples_read += read
         c.skipped.update(s.reason for s in skips)
+        for s in skips:
+            if s.reason in BROKEN_DATA and self._logged_skips[s.reason] < LOGGED_SKIPS:
+                self._logged_skips[s.reason] += 1
+                more = (f" (the first {LOGGED_SKIPS} are logged, the rest only counted)"
+                        if self._logged_skips[s.reason] == LOGGED_SKIPS else "")
+                log.warning("data: rank %d skipped a sample (%s): %s%s", self.rank, s.reason, s.detail, more)
         c.samples += batch.num_samples
         c.truncated += batch.num_truncated
         c.micro_batches += 1
@@ -202,14 +217,14 @@ class PackedDataLoader:
                 pending_skips += window.skips
                 pending_read += window.samples_read
             for s in range(step, len(window.steps)):
-                batch = self._materialize(window.steps[s][self.rank])
+                batch, image_skips = self._materialize(window.steps[s][self.rank])
                 batch.epoch = epoch
                 units = [unit for rows in window.steps[s] for row in rows for unit in row]
                 batch.global_samples = len(units)
                 batch.global_tokens = sum(unit.length for unit in units)
                 batch.global_label_tokens = sum(int((seq.labels != IGNORE_INDEX).sum())
                                                 for unit in units for seq in unit.sequences)
-                yield batch, _Position(epoch, cursor, carry, s + 1), pending_skips, pending_read
+                yield batch, _Position(epoch, cursor, carry, s + 1), pending_skips + image_skips, pending_read
                 pending_skips, pending_read = [], 0
                 epoch_batches += 1
             cursor, carry, step = window.next_cursor, window.carry, 0
@@ -224,8 +239,14 @@ class PackedDataLoader:
         new = [int(i) for i in order[cursor:cursor + self.config.window_size]]
         next_cursor = cursor + len(new)
         final = next_cursor >= len(order)
-        encoded = self.encoder.encode([(i, self.shards.sidecar(i)) for i in (*carry, *new)])
-        skips = [u for u in encoded if isinstance(u, LoadSkip)]
+        sidecars, skips = [], []
+        for i in (*carry, *new):
+            try:
+                sidecars.append((i, self.shards.sidecar(i)))
+            except BadSidecar as e:
+                skips.append(LoadSkip(i, e.sample_id, e.reason, str(e)))
+        encoded = self.encoder.encode(sidecars)
+        skips += [u for u in encoded if isinstance(u, LoadSkip)]
         units = [u for u in encoded if isinstance(u, Unit)]
         rng = np.random.default_rng([self.config.seed, epoch, cursor, 1])
         plan = plan_window([u.length for u in units], self.config.max_seq_len, self.config.micro_batch_rows,
@@ -233,20 +254,44 @@ class PackedDataLoader:
         steps = [[[[units[i] for i in row] for row in batch] for batch in step] for step in plan.steps]
         return _Window(steps, tuple(units[i].index for i in plan.carry), next_cursor, len(new), skips)
 
-    def _materialize(self, rows: list[list[Unit]]) -> MicroBatch:
+    def _materialize(self, rows: list[list[Unit]]) -> tuple[MicroBatch, list[LoadSkip]]:
+        """This rank's micro-batch of planned rows, and the samples left out of it for a broken image.
+
+        A sample whose image does not decode leaves its row (the row keeps its place, shorter): the
+        plan, the same on every rank, stays as it is, and only this rank knows.
+        """
+        batch, unique = self._lay_out(rows)
+        skips = []
         try:
-            batch = build_micro_batch(rows, self.config.max_seq_len, self.encoder.pad_token_id)
-        except ValueError as e:
-            raise DataError(f"{self.config.shards}: {e}") from e
-        # A DPO pair shows its image to both sequences: decoded once, indexed twice.
-        unique = list(dict.fromkeys(batch.image_refs))
-        batch.images = self.decoder([self.shards.image_bytes(index, member) for index, member in unique])
+            images = self._decode(unique)
+        except UndecodableImages as e:
+            sample_ids = {unit.index: unit.sample_id for row in rows for unit in row}
+            for k, why in sorted(e.problems.items()):
+                index, member = unique[k]
+                where = f"{self.shards.member(index, member)}: sample {sample_ids[index]!r}"
+                skips.append(LoadSkip(index, sample_ids[index], BAD_IMAGE, f"{where}: {why}"))
+            dropped = {s.index for s in skips}
+            batch, unique = self._lay_out([[unit for unit in row if unit.index not in dropped] for row in rows])
+            images = self._decode(unique)
+        batch.images = images
         where = {ref: k for k, ref in enumerate(unique)}
         if len(unique) != len(batch.image_refs):
             batch.image_index = torch.tensor([where[ref] for ref in batch.image_refs], dtype=torch.int64)
         # Fresh pinned copies for every batch, never reused by the loader: a copy still in flight
         # reads memory nothing else writes.
-        return batch.pin_memory() if self.pin_memory_device is not None else batch
+        return (batch.pin_memory() if self.pin_memory_device is not None else batch), skips
+
+    def _decode(self, refs: list[tuple[int, str]]) -> torch.Tensor:
+        return self.decoder([self.shards.image_bytes(index, member) for index, member in refs])
+
+    def _lay_out(self, rows: list[list[Unit]]) -> tuple[MicroBatch, list[tuple[int, str]]]:
+        """The micro-batch without images, and the (sample, member) of each image to decode, once."""
+        try:
+            batch = build_micro_batch(rows, self.config.max_seq_len, self.encoder.pad_token_id)
+        except ValueError as e:
+            raise DataError(f"{self.config.shards}: {e}") from e
+        # A DPO pair shows its image to both sequences: decoded once, indexed twice.
+        return batch, list(dict.fromkeys(batch.image_refs))
 
     # ------------------------------------------------------------------------------------------
     # state

@@ -342,14 +342,22 @@ def validate(row: Row) -> Sample | Skip:
         if not (Path(row.image_base) / images[0]).exists() and (Path(row.image_base) / gif_jpg).exists():
             images = [gif_jpg]
     image_paths = [str(Path(row.image_base) / p) for p in images]
-    if row.kind == "llava":
-        result = _validate_conversation(data, len(images))
-    else:
-        result = _validate_pair(data, row.kind, len(images))
+    result = validate_text(data, row.kind, len(images))
     if isinstance(result, tuple):
         return skip(*result)
     result["image_files"] = images
     return Sample(sample_id, row.source, row.line, result, image_paths)
+
+
+def validate_text(data: dict, kind: str, num_images: int) -> dict | tuple[str, str]:
+    """The text fields of a sample as a shard sidecar stores them, or (reason, detail) of the first problem.
+
+    ``kind`` ``llava``: ``conversations``; ``dpo`` / ``mmpr``: a pair (prompt or question, chosen, rejected).
+    The loader checks sidecars with it too, so a shard holds nothing the build would have refused.
+    """
+    if kind == "llava":
+        return _validate_conversation(data, num_images)
+    return _validate_pair(data, kind, num_images)
 
 
 def _validate_conversation(data: dict, num_images: int) -> dict | tuple[str, str]:

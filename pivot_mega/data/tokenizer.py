@@ -21,11 +21,15 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..config import ConfigError
+
 # What transformers' save_pretrained writes for a tokenizer (fast and slow vocabularies, legacy maps),
 # and the chat template in both spellings: chat_template.jinja (transformers >= 4.47) and the older
 # chat_template.json that processors write.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Either of these makes a directory one that AutoTokenizer can load without a model hub.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 # Named chat templates besides the default one, one NAME.jinja each.
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
@@ -88,3 +92,28 @@ def special_token_id(directory: str | os.PathLike, token: str = "<|image_pad|>")
         if added["content"] == token:
             return int(added["id"])
     raise KeyError(f"{path}: no added token {token!r}")
+
+
+def check_tokenizer_dir(directory: str | os.PathLike, key: str = "data.tokenizer") -> None:
+    """Raises ConfigError unless ``directory`` holds a tokenizer. Checked before transformers sees the
+    path: it would take a missing directory for a model-hub repo id and fail with a confusing message."""
+    path = Path(directory)
+    if not any((path / name).is_file() for name in TOKENIZER_MARKERS):
+        raise ConfigError(f"{key}: {directory} is not a directory with a tokenizer ({' / '.join(TOKENIZER_MARKERS)})")
+
+
+def check_image_token_id(directory: str | os.PathLike, image_token_id: int, key: str = "model.image_token_id") -> None:
+    """Raises ConfigError unless ``image_token_id`` is a special (added) token of the tokenizer in
+    ``directory``: an ordinary text token would turn every occurrence of that text into an image slot."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_dir(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if not 0 <= image_token_id < len(tokenizer):
+        raise ConfigError(f"{key}: {image_token_id} is not a token id of the tokenizer {directory} "
+                          f"({len(tokenizer)} tokens)")
+    if image_token_id not in tokenizer.added_tokens_decoder:
+        token = tokenizer.convert_ids_to_tokens(image_token_id)
+        raise ConfigError(f"{key}: {image_token_id} is the ordinary text token {token!r} of the tokenizer "
+                          f"{directory}, not a special token; give the id of its image token (e.g. "
+                          f"<|image_pad|>)")

@@ -29,7 +29,8 @@ DATA = {"stage1a": "captions (plain template)", "stage1b": "conversations (ChatM
 
 
 def _metrics(out_dir: str | Path) -> list[dict]:
-    """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does)."""
+    """A stage's ``metrics.jsonl`` records (a torn last line dropped, as the trainer does), steps and
+    online probes alike."""
     from ..training.metrics import read_metrics
 
     return read_metrics(out_dir)
@@ -84,6 +85,44 @@ def plot_losses(metrics: dict[str, list[dict]], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_probe_steps(probes: dict[str, list[dict]], path: Path) -> Path | None:
+    """The online probes (``eval.probe``) of SFT and DPO: ViT top-1 against the training step."""
+    if not any(probes.get(stage) for stage in ("sft", "dpo")):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.0), sharey=True)
+    for ax, probe in zip(axes, ("logistic", "prototype")):
+        for stage in ("sft", "dpo"):
+            rows = probes.get(stage) or []
+            ax.plot([r["step"] for r in rows], [r[f"probe/vit/{probe}/top1"] for r in rows], marker="o",
+                    markersize=3, color=COLOURS[stage], label=TITLES[stage])
+        ax.set_title(f"ViT, {probe} probe, while training")
+        ax.set_xlabel("step")
+        ax.axhline(10.0, color="black", linewidth=0.6, linestyle=":")
+    axes[0].set_ylabel("top-1 on held-out digits (%)")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _probe_step_lines(probes: dict[str, list[dict]]) -> list[str]:
+    if not any(probes.get(stage) for stage in ("sft", "dpo")):
+        return []
+    rows = []
+    for stage in ("sft", "dpo"):
+        records = probes.get(stage) or []
+        if records:
+            rows.append([TITLES[stage], ", ".join(f"{r['probe/vit/logistic/top1']:.1f}" for r in records),
+                         ", ".join(str(r["step"]) for r in records),
+                         f"{sum(r['probe/time_s'] for r in records):.1f} s"])
+    return ["The ViT probed while stage 2 trained (`eval.probe` in the stage's config: the trainer probes the "
+            "current encoder every few steps, apart from the step time):", "",
+            "![probes while training](plots/probe_steps.png)", "",
+            _table(["stage", "ViT logistic top-1 (%)", "at steps", "probe time"], rows), ""]
 
 
 def plot_dpo(rows: list[dict], path: Path) -> Path:
@@ -260,13 +299,18 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    metrics = {stage: _metrics(summary["stages"][stage]["out_dir"]) for stage in STAGES}
+    from ..training.metrics import probe_records, step_records
+
+    records = {stage: _metrics(summary["stages"][stage]["out_dir"]) for stage in STAGES}
+    metrics = {stage: step_records(rows) for stage, rows in records.items()}
+    probes = {stage: probe_records(rows) for stage, rows in records.items()}
     probe_rows, answers = summary["probe"], summary["heldout_answers"]
     pairs = {row["id"]: row for row in json.loads((out_dir / "data" / "heldout_pairs.json").read_text())}
 
     files = {"loss": plot_losses(metrics, plots / "loss.png"),
              "dpo": plot_dpo(metrics["dpo"], plots / "dpo.png"),
              "probe": plot_probes(probe_rows, answers, plots / "probe.png"),
+             "probe_steps": plot_probe_steps(probes, plots / "probe_steps.png"),
              "saliency": plot_saliency(out_dir / "eval" / "saliency", summary["saliency"], pairs,
                                        out_dir / "images" / "probe" / "val", plots / "saliency.png")}
 
@@ -313,7 +357,8 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         + (f"; {params['total'] / 1e6:.2f}M parameters (ViT {params['vision'] / 1e6:.2f}M, projector "
            f"{params['projector'] / 1e6:.2f}M, LLM {params['language'] / 1e6:.2f}M)." if params else "."),
         "- **Stages**, each a `pivot-mega train` run of its config in `configs/` "
-        "(SFT and DPO both start from the stage-1b checkpoint, with the same data, steps, batch and learning rate; "
+        "(SFT and DPO both start from the stage-1b checkpoint, with the same data, steps and batch, DPO at a fifth "
+        "of SFT's learning rate as in PIVOT; "
         "DPO's reference is the frozen stage-1b model, its log-probs computed once before training):",
         "",
         _table(["stage", "trains", "data", "steps x batch", "peak LR", "time", "loss: first -> last 10 % of steps"],
@@ -368,6 +413,7 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         f"stage 1b {answers['stage1b']['accuracy']:.1f}%.",
         "",
         *_chance_lines(answers, probe_rows, n_val),
+        *_probe_step_lines(probes),
         *_seed_lines(summary.get("over_seeds")),
         "The noise bands are two standard errors of a difference of two accuracies on this many images; with "
         "a few hundred held-out images, differences of a few points are not evidence either way. The toy "

@@ -1,4 +1,4 @@
-"""``pivot-mega eval probe|saliency``: argument parsing and the runs.
+"""``pivot-mega eval probe|segment|saliency``: argument parsing and the runs.
 
 Nothing heavy is imported until a command runs (``--help`` stays fast).
 """
@@ -47,6 +47,31 @@ def register(sub) -> dict:
     _add_run_options(probe, batch_size=32)
     probe.add_argument("--out", required=True, metavar="FILE", help="results: .csv or .json")
 
+    segment = verbs.add_parser(
+        "segment", help="linear patch-segmentation probe of the ViT's patch tokens (image + mask folders)",
+        description="Each patch token of the ViT's selected layer (alone and/or through the projector, "
+                    "L2-normalised) is classified into the majority label of its patch's mask pixels by a "
+                    "linear head (multinomial logistic regression, L-BFGS) fitted on --train. Scored on --val at "
+                    "the masks' resolution: per-class recall, macro recall (the paper's figure), pixel accuracy "
+                    "and mIoU, in %%. Folders: DIR/images/ + DIR/masks/ (same stems), VOC's JPEGImages/ + "
+                    "SegmentationClass/ (or a VOC split list .txt), ADE20K's images/ + annotations/ (or a split "
+                    "such as ADE/images/training).")
+    segment.add_argument("--ckpt", required=True, metavar="CKPT", help="pivot_mega checkpoint directory")
+    segment.add_argument("--train", required=True, metavar="DIR", help="DIR/images/*.jpg|png + DIR/masks/*.png")
+    segment.add_argument("--val", required=True, metavar="DIR", help="the same layout, scored")
+    segment.add_argument("--num-classes", type=int, required=True, metavar="K",
+                         help="labels 0..K-1 (VOC: 21; ADE20K: 151 with --ignore-index 0, its 'other')")
+    segment.add_argument("--features", choices=["vit", "projector", "both"], default="both",
+                         help="ViT tokens, tokens through the projector, or both (default)")
+    segment.add_argument("--ignore-index", type=int, default=255, metavar="N",
+                         help="mask value left out of training and scoring (default 255, VOC's border)")
+    segment.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations of the head (default 100)")
+    segment.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the head (default 1e-4)")
+    segment.add_argument("--patches-per-image", type=int, metavar="N",
+                         help="train on at most N random labelled patches of each image (bounds memory)")
+    _add_run_options(segment, batch_size=32)
+    segment.add_argument("--out", required=True, metavar="FILE", help="results: .csv or .json")
+
     saliency = verbs.add_parser(
         "saliency", help="gradient maps of the loss over the image tokens, as PNG overlays",
         description="|d loss / d projector output|_1 per image token, border replaced, min-max, gamma 1.1, "
@@ -80,7 +105,7 @@ def _add_run_options(parser: argparse.ArgumentParser, batch_size: int | None) ->
     parser.add_argument("--num-threads", type=int, default=2, help="image decoding threads (default 2)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --per-class, the C split, border picks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --per-class, the C split, border picks, --patches-per-image")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -111,7 +136,8 @@ def run_eval(args) -> int:
     from .saliency import SaliencyError
 
     try:
-        return _run_probe(args) if args.verb == "probe" else _run_saliency(args)
+        runs = {"probe": _run_probe, "segment": _run_segment, "saliency": _run_saliency}
+        return runs[args.verb](args)
     except (ProbeError, SaliencyError, DataError) as e:
         return _error(f"eval {args.verb}", e)
 
@@ -134,6 +160,28 @@ def _run_probe(args) -> int:
     for row in rows:
         chosen = f"  C={row['C']}" if row["C"] is not None else ""
         print(f"{row['features']:<9} {row['probe']:<9} top-1 {row['top1']:6.2f}%  top-5 {row['top5']:6.2f}%{chosen}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _run_segment(args) -> int:
+    from .segment import segment_probe, write_segment_results
+
+    device, dtype = _device_dtype(args)
+    model = _load(args.ckpt, device, dtype)
+    rows = segment_probe(model, args.train, args.val, args.num_classes, features=args.features,
+                         ignore_index=args.ignore_index, max_iter=args.max_iter, weight_decay=args.weight_decay,
+                         patches_per_image=args.patches_per_image, batch_size=args.batch_size, backend=args.backend,
+                         num_threads=args.num_threads, seed=args.seed, progress=not args.no_progress,
+                         checkpoint=str(args.ckpt))
+    path = write_segment_results(list(rows.values()), args.out)
+    for row in rows.values():
+        print(f"{row['features']:<9} macro recall {row['macro_recall']:6.2f}%  pixel accuracy "
+              f"{row['pixel_accuracy']:6.2f}%  mIoU {row['miou']:6.2f}%")
+    row = next(iter(rows.values()))
+    if row["skipped_train"] or row["skipped_val"]:
+        print(f"skipped {row['skipped_train']} bad pair(s) in --train, {row['skipped_val']} in --val "
+              f"(the first ones are named above)")
     print(f"wrote {path}")
     return 0
 

@@ -29,7 +29,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -128,32 +128,37 @@ def _decode_batch(decoder, paths: Sequence[Path]) -> torch.Tensor:
         raise ProbeError(f"decoding one of {[str(p) for p in paths]} failed: {batch_error}") from batch_error
 
 
-@torch.no_grad()
-def extract_features(model, paths: Sequence[Path], *, kinds: Iterable[str] = FEATURE_KINDS, batch_size: int = 32,
-                     backend: str = "auto", num_threads: int = 1, progress: bool = True,
-                     desc: str = "features") -> dict[str, np.ndarray]:
-    """Image files → ``{kind: [N, D_kind] float32}``, each row mean-pooled over the image tokens and
-    L2-normalised. ``vit``: the tower's selected layer, ``D = vision.hidden_size``; ``projector``:
-    the same through the projector, ``D = language.hidden_size``.
+def iter_image_tokens(model, paths: Sequence[Path], *, kinds: Iterable[str] = FEATURE_KINDS, batch_size: int = 32,
+                      backend: str = "auto", num_threads: int = 1, progress: bool = True,
+                      desc: str = "features") -> Iterator[dict[str, torch.Tensor]]:
+    """Image files → one ``{kind: [n, T, D_kind]}`` per batch of ``batch_size`` files, in order: the
+    per-token features that :func:`extract_features` pools and the segmentation probe classifies.
+    ``vit``: the tower's selected layer, ``D = vision.hidden_size``; ``projector``: the same through
+    the projector, ``D = language.hidden_size``. ``T`` runs over the patch grid row by row; the
+    tensors stay on the model's device, in its dtype.
 
-    ``model`` is a ``VisionLanguageModel`` (only ``vision`` and ``projector`` run, on the device and in
-    the dtype of its parameters). Images are decoded by the data loader's decoder (``backend``:
-    ``auto``, ``dali`` or ``python``), the next batch while the model runs the current one.
+    ``model`` is a ``VisionLanguageModel`` (only ``vision`` and ``projector`` run). Images are decoded
+    by the data loader's decoder (``backend``: ``auto``, ``dali`` or ``python``), the next batch while
+    the model runs the current one.
     """
-    from tqdm import tqdm
-
-    from ..data.images import make_image_decoder
-
     kinds = list(kinds)
     unknown = sorted(set(kinds) - set(FEATURE_KINDS))
     if unknown or not kinds:
         raise ProbeError(f"feature kinds {kinds}: choose from {list(FEATURE_KINDS)}")
     if batch_size <= 0:
         raise ProbeError(f"batch_size must be > 0, got {batch_size}")
+    return _image_tokens(model, list(paths), kinds, batch_size, backend, num_threads, progress, desc)
+
+
+@torch.no_grad()
+def _image_tokens(model, paths, kinds, batch_size, backend, num_threads, progress, desc):
+    from tqdm import tqdm
+
+    from ..data.images import make_image_decoder
+
     param = next(model.vision.parameters())
     decoder = make_image_decoder(backend, image_size=model.config.vision.image_size, num_threads=num_threads)
-    batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-    out: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(_decode_batch, decoder, batches[0]) if batches else None
@@ -162,12 +167,28 @@ def extract_features(model, paths: Sequence[Path], *, kinds: Iterable[str] = FEA
                 if i + 1 < len(batches):
                     pending = pool.submit(_decode_batch, decoder, batches[i + 1])
                 tokens = model.vision(pixels.to(device=param.device, dtype=param.dtype))   # [n, T, D_vit]
+                out = {}
                 if "vit" in kinds:
-                    out["vit"].append(_pool(tokens))
+                    out["vit"] = tokens
                 if "projector" in kinds:
-                    out["projector"].append(_pool(model.projector(tokens)))              # [n, T, D_llm]
+                    out["projector"] = model.projector(tokens)                             # [n, T, D_llm]
+                yield out
     finally:
         decoder.close()
+
+
+def extract_features(model, paths: Sequence[Path], *, kinds: Iterable[str] = FEATURE_KINDS, batch_size: int = 32,
+                     backend: str = "auto", num_threads: int = 1, progress: bool = True,
+                     desc: str = "features") -> dict[str, np.ndarray]:
+    """Image files → ``{kind: [N, D_kind] float32}``: the tokens of :func:`iter_image_tokens`,
+    mean-pooled over the image tokens and L2-normalised."""
+    kinds = list(kinds)
+    batches = iter_image_tokens(model, paths, kinds=kinds, batch_size=batch_size, backend=backend,
+                                num_threads=num_threads, progress=progress, desc=desc)
+    out: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
+    for tokens in batches:
+        for kind, kind_tokens in tokens.items():
+            out[kind].append(_pool(kind_tokens))
     return {kind: (torch.cat(chunks).numpy() if chunks else np.zeros((0, _width(model, kind)), np.float32))
             for kind, chunks in out.items()}
 
@@ -328,8 +349,9 @@ def run_probes(model, train: str | os.PathLike | ImageFolder, val: str | os.Path
     return rows
 
 
-def write_results(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Rows → ``path``: ``.csv`` (a header, one line per row) or ``.json`` (a list of row objects)."""
+def write_results(rows: list[dict], path: str | os.PathLike, columns: Sequence[str] = RESULT_COLUMNS) -> Path:
+    """Rows → ``path``: ``.csv`` (a header of ``columns``, one line per row) or ``.json`` (a list of
+    row objects)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
@@ -339,7 +361,7 @@ def write_results(rows: list[dict], path: str | os.PathLike) -> Path:
         path.write_text(json.dumps(rows, indent=2) + "\n")
     else:
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in RESULT_COLUMNS} for row in rows)
+            writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in columns} for row in rows)
     return path

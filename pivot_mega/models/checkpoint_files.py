@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -46,7 +46,9 @@ def read_safetensors_dir(directory: str | os.PathLike, stem: str = "model") -> d
     directory = Path(directory)
     single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map (tensor name -> shard file)")
         files = sorted(set(weight_map.values()))
     elif single.is_file():
         weight_map, files = None, [single.name]
@@ -61,17 +63,37 @@ def read_safetensors_dir(directory: str | os.PathLike, stem: str = "model") -> d
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{index}: names shard {name}, which does not exist")
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key in tensors:
-                    raise CheckpointError(f"{path}: tensor {key} appears in more than one shard")
-                tensors[key] = f.get_tensor(key)
+        for key, tensor in _read_safetensors_file(path).items():
+            if key in tensors:
+                raise CheckpointError(f"{path}: tensor {key} appears in more than one shard")
+            tensors[key] = tensor
     if weight_map is not None and set(weight_map) != set(tensors):
         missing = sorted(set(weight_map) - set(tensors))[:5]
         extra = sorted(set(tensors) - set(weight_map))[:5]
         raise CheckpointError(f"{index}: index and shards disagree (indexed but absent: {missing}; "
                               f"present but not indexed: {extra})")
     return tensors
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    # The header is read (and checked against the file's size) at open; a tensor past a truncated end
+    # fails at get_tensor. Both are the file's fault: name it, with the reader's reason.
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a checkpoint; CheckpointError naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_safetensors_dir(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
@@ -167,7 +189,7 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a pivot_mega checkpoint (no config.json)")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(
             f"{path}: not a pivot_mega checkpoint (format {meta.get('format')!r}, model_type "

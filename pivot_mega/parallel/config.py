@@ -37,6 +37,14 @@ class ParallelConfig:
     # bf16 parameters / gradient reduction with fp32 master weights, where the device supports it.
     mixed_precision: Literal["bf16", "fp32"] = "fp32"
     compile: bool = False
+    # Seconds a collective waits for the other ranks before it fails (every process group of the run):
+    # a rank that hangs or died then stops the job with an error instead of holding every GPU.
+    timeout_s: float = 600.0
+
+    def validate(self, where: str = "parallel") -> "ParallelConfig":
+        if not self.timeout_s > 0:
+            raise ConfigError(f"{where}.timeout_s: must be > 0 seconds, got {self.timeout_s}")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Layout:
 
 def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> Layout:
     """Checks every size against the world and the model; one ConfigError lists all problems."""
+    parallel.validate()
     problems = []
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 from collections.abc import Mapping
@@ -71,8 +72,10 @@ def cuda_device_index(local_rank: int, device_count: int) -> int:
     return local_rank
 
 
-def init_distributed(launch: LaunchEnv | None = None, device_type: str | None = None) -> LaunchEnv:
-    """Initialises the default process group (nccl on CUDA, gloo on CPU) if not done already.
+def init_distributed(launch: LaunchEnv | None = None, device_type: str | None = None,
+                     timeout_s: float = ParallelConfig.timeout_s) -> LaunchEnv:
+    """Initialises the default process group (nccl on CUDA, gloo on CPU) if not done already;
+    its collectives fail after ``timeout_s`` seconds of waiting for another rank.
 
     On CUDA the process is bound to its GPU first (every later CUDA call, NCCL's included, runs
     there), and the group is told the device: NCCL then connects the ranks now, not at the first
@@ -80,7 +83,7 @@ def init_distributed(launch: LaunchEnv | None = None, device_type: str | None = 
     """
     launch = launch or detect_launch()
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    bound = {}
+    bound = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if device_type == "cuda":
         device = torch.device("cuda", cuda_device_index(launch.local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
@@ -148,6 +151,16 @@ def build_mesh(parallel: ParallelConfig, model: ModelConfig, device_type: str | 
     world = dist.get_world_size() if launch is None else launch.world_size
     layout = resolve_layout(parallel, model, world)
     if launch is not None:
-        init_distributed(launch, device_type=device_type)
-    mesh = init_device_mesh(device_type, layout.shape(), mesh_dim_names=DIM_NAMES)
+        init_distributed(launch, device_type=device_type, timeout_s=parallel.timeout_s)
+    # The mesh's sub-groups do not inherit the default group's timeout; each is given it.
+    options = group_options(device_type, parallel.timeout_s)
+    mesh = init_device_mesh(device_type, layout.shape(), mesh_dim_names=DIM_NAMES,
+                            backend_override={name: (None, options) for name in DIM_NAMES})
     return ParallelDims(mesh=mesh, layout=layout, config=parallel)
+
+
+def group_options(device_type: str, timeout_s: float):
+    """Backend options of a new process group (nccl on CUDA, gloo on CPU) with this timeout."""
+    options = dist.ProcessGroupNCCL.Options() if device_type == "cuda" else dist.ProcessGroupGloo._Options()
+    options._timeout = datetime.timedelta(seconds=timeout_s)
+    return options

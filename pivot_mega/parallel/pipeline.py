@@ -13,6 +13,7 @@ copies' gradients are summed after backward (Megatron's embedding group) so they
 from __future__ import annotations
 
 import copy
+import datetime
 
 import torch
 import torch.distributed as dist
@@ -180,7 +181,8 @@ class TiedEmbeddingSync:
         me = dist.get_rank()
         for index in torch.cartesian_prod(*[torch.arange(n) for n in ranks.shape[1:]]).reshape(-1, 3):
             pair = [int(ranks[0][tuple(index)]), int(ranks[-1][tuple(index)])]
-            group = dist.new_group(pair)  # every rank creates every group, in the same order
+            # every rank creates every group, in the same order
+            group = dist.new_group(pair, timeout=datetime.timedelta(seconds=dims.config.timeout_s))
             if me in pair:
                 self.group = group
 

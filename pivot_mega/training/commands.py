@@ -52,7 +52,21 @@ def register(sub) -> dict:
     bench.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="model config overrides, e.g. language.num_hidden_layers=4")
     bench.add_argument("--json", metavar="FILE", help="also write the results here")
-    return {"train": run_train, "bench": run_bench}
+
+    plan = sub.add_parser(
+        "plan", help="will a run config fit: memory per GPU and FLOPs per step of every valid layout",
+        description="Estimates, for every layout the trainer accepts (tp x pp x dp, dp sharded or replicated, "
+                    "activation checkpointing off and on), the parameter, gradient, optimizer-state, activation "
+                    "and working memory of the busiest GPU, and recommends the layout that fits with the most "
+                    "headroom. Nothing runs on a GPU.")
+    plan.add_argument("config", metavar="CONFIG.yaml", help="run config, as pivot-mega train takes")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB or 141GiB (default 80GB)")
+    plan.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set data.max_seq_len=8192")
+    plan.add_argument("--json", metavar="FILE", help="also write every estimate here")
+    return {"train": run_train, "bench": run_bench, "plan": run_plan}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -62,7 +76,9 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .trainer import Trainer
 
+    from ..config import ConfigError
     from ..data.sources import DataError
+    from ..models.checkpoint_files import CheckpointError
     from ..precision import PrecisionUnavailableError
     from .reference import ReferenceError
     from .trainer import TrainingError
@@ -72,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         # Under torchrun, record() leaves this rank's traceback where the launcher reports the first
         # failing rank's error; our own line names the rank in every launcher.
         summary = record(Trainer(config).run)()
-    except (DataError, PrecisionUnavailableError, ReferenceError, TrainingError) as e:
+    except (CheckpointError, ConfigError, DataError, PrecisionUnavailableError, ReferenceError, TrainingError) as e:
         # Errors about the inputs or the run: the message says what to do, a traceback would bury it.
         rank = dist.get_rank() if dist.is_initialized() else 0
         print(f"pivot-mega train: error on rank {rank}: {e}", file=sys.stderr, flush=True)
@@ -82,10 +98,17 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"pivot-mega train: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if dist.is_initialized():
             dist.destroy_process_group()
     if summary.stopped_by is None:
         print(f"pivot-mega train: done after {summary.steps} steps; model in {summary.final}", file=sys.stderr)
+    skipped = summary.last_metrics.get("data/skipped", 0)
+    if skipped and rank0:
+        reasons = {key.removeprefix("data/skipped/"): count for key, count in summary.last_metrics.items()
+                   if key.startswith("data/skipped/")}
+        print(f"pivot-mega train: {skipped} sample(s) skipped in all, by reason {reasons} (metrics.jsonl: "
+              f"data/skipped)", file=sys.stderr)
     return 0
 
 
@@ -113,4 +136,39 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from ..config import ConfigError
+    from .config import load_run_config
+    from .plan import format_table, parse_memory, plan_layouts, recommend
+
+    if args.gpus < 1 or args.nodes < 1:
+        raise ConfigError(f"plan: --gpus and --nodes must be >= 1, got {args.gpus} and {args.nodes}")
+    capacity = parse_memory(args.gpu_memory)
+    config = load_run_config(args.config, args.overrides)
+    estimates = plan_layouts(config, args.gpus, args.nodes)
+    print(format_table(estimates, capacity))
+    best = recommend(estimates, capacity)
+    if best is None:
+        print(f"recommendation: nothing fits in {capacity / 1e9:.0f} GB; shorten data.max_seq_len, or add GPUs")
+    else:
+        print(f"recommendation: {best.name} ({best.total / 1e9:.1f} GB of {capacity / 1e9:.0f} GB, "
+              f"{(capacity - best.total) / 1e9:.1f} GB headroom): --set parallel.tensor_model_parallel_size="
+              f"{best.layout.tp} parallel.pipeline_model_parallel_size={best.layout.pp} "
+              f"parallel.data_parallel_sharding={best.parallel.data_parallel_sharding} "
+              f"model.activation_checkpointing={str(best.activation_checkpointing).lower()}")
+    if args.json:
+        rows = [{"layout": dataclasses.asdict(e.layout), "data_parallel_sharding": e.parallel.data_parallel_sharding,
+                 "activation_checkpointing": e.activation_checkpointing, "params": e.params, "grads": e.grads,
+                 "optimizer": e.optimizer, "reference": e.reference, "activations": e.activations,
+                 "working": e.working, "total": e.total, "fits": e.total <= capacity, "flops": e.flops}
+                for e in estimates]
+        with open(args.json, "w") as f:
+            json.dump({"gpu_memory": capacity, "estimates": rows,
+                       "recommended": None if best is None else estimates.index(best)}, f, indent=2)
     return 0

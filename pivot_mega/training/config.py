@@ -19,6 +19,7 @@ the config file, as in model configs); every other path (``init_from``, ``data.s
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any, Literal
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, inline_presets, load_yaml, to_dict
 from ..data.config import DataConfig
+from ..data.tokenizer import check_tokenizer_dir
+from ..eval.config import EvalConfig
 from ..parallel.config import ParallelConfig
 from ..precision import PrecisionConfig
 from ..profiling import ProfileConfig
@@ -66,12 +69,48 @@ class DPOTrainConfig(DPOConfig):
         return self.reference == "precomputed" or self.precompute_reference
 
 
+WandbMode = Literal["online", "offline", "disabled"]
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases logging on rank 0 (``pip install 'pivot-mega[wandb]'``): every step's metrics under
+    their ``metrics.jsonl`` / TensorBoard names, the resolved run config as the W&B config. A resumed run
+    continues the W&B run its checkpoint names. ``offline`` writes only DIR/wandb (``wandb sync`` it later)."""
+
+    mode: WandbMode = "disabled"
+    project: str = "pivot-mega"
+    entity: str = ""  # default: the W&B account's default entity
+    name: str = ""  # default: a name W&B picks
+    dir: str = ""  # W&B writes DIR/wandb/; default: train.out_dir
+
+    def validate(self, where: str = "train.wandb") -> "WandbConfig":
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"{where}.mode: {self.mode!r} is not one of {list(WANDB_MODES)}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+
+def import_wandb(where: str = "train.wandb"):
+    """The ``wandb`` module, or a ConfigError that says how to install it (it is an optional extra)."""
+    try:
+        return importlib.import_module("wandb")
+    except ImportError as e:
+        raise ConfigError(f"{where}: W&B logging needs the wandb package ({e}); pip install 'pivot-mega[wandb]'") \
+            from None
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The loop: batch size, length, checkpoints, logging, what trains."""
 
     out_dir: str = "runs/pivot"
-    # Towers that train (vision, projector, language); empty: the stage's PIVOT default.
+    # Towers that train (vision, projector, language): a list, or one tower as a string; empty: the
+    # stage's PIVOT default.
     trainable: list = dataclasses.field(default_factory=list)
     # Samples per optimizer step over all ranks (DPO: pairs). A step takes loader micro-batches until
     # the global batch holds at least this many; the count is logged. PIVOT: 256.
@@ -87,12 +126,16 @@ class TrainConfig:
     async_save: bool = False
     # auto: resume from OUT/checkpoints/latest when there is one; none: start fresh; or a checkpoint path.
     resume: str = "auto"
+    # With resume auto, a newest checkpoint that fails its checks (checksums, manifest, metadata) is
+    # passed over, with a warning, for the newest good one; false: such a run stops with the error.
+    resume_fallback: bool = True
     # Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
     max_bad_steps: int = 10
     # At the end: OUT/final (portable checkpoint, the next stage's init_from) always; with export_hf
     # also OUT/hf/llava (LlavaForConditionalGeneration) and OUT/hf/siglip (the vision encoder).
     export_hf: bool = False
     tensorboard: bool = True
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     # Progress bar on rank 0 (on a terminal; otherwise one line per log interval).
     progress: bool = True
 
@@ -103,11 +146,19 @@ class TrainConfig:
         for name in ("max_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.trainable, str):  # `--set train.trainable=vision`: one tower, not its letters
+            self.trainable = [self.trainable]
+        if not isinstance(self.trainable, list) or not all(isinstance(t, str) for t in self.trainable):
+            raise ConfigError(f"{where}.trainable: expected a tower or a list of towers of {list(TOWERS)}, "
+                              f"got {self.trainable!r}")
         unknown = sorted(set(self.trainable) - set(TOWERS))
         if unknown:
             raise ConfigError(f"{where}.trainable: unknown tower(s) {unknown}; the towers are {list(TOWERS)}")
         if not self.out_dir:
             raise ConfigError(f"{where}.out_dir: name the run's output directory")
+        if Path(self.out_dir).is_file():
+            raise ConfigError(f"{where}.out_dir: {self.out_dir} is a file, not a directory")
+        self.wandb.validate(f"{where}.wandb")
         return self
 
 
@@ -123,6 +174,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     @property
     def trainable(self) -> list[str]:
@@ -173,14 +225,25 @@ def validate_run_config(config: RunConfig, where: str = "run config") -> RunConf
         raise ConfigError(f"{where}: give a model section (or preset file) or init_from (a checkpoint to start from)")
     if config.model is not None:
         config.model.validate()
-    # parallel is checked against the model and the world when the mesh is built
+    # the layout is checked against the model and the world when the mesh is built
+    config.parallel.validate(f"{where}: parallel")
     config.data.validate(f"{where}: data")
     config.optim.validate(f"{where}: optim")
     config.dpo.validate(f"{where}: dpo")
     config.train.validate(f"{where}: train")
     config.precision.validate(f"{where}: precision")
     config.profile.validate(f"{where}: profile")
+    config.eval.validate(f"{where}: eval")
     wants = "dpo" if config.stage == "dpo" else "lm"
     if config.data.mode != wants:
         raise ConfigError(f"{where}: stage {config.stage!r} reads data.mode {wants!r}, got {config.data.mode!r}")
+    return config
+
+
+def check_run_paths(config: RunConfig) -> RunConfig:
+    """Checks the inputs a run reads exist, before any work (``load_run_config`` checks only the
+    config itself, so that example configs naming other machines' paths still load)."""
+    check_tokenizer_dir(config.data.tokenizer, "data.tokenizer")
+    if config.train.wandb.enabled:  # on every rank, before any work (only rank 0 logs)
+        import_wandb()
     return config

@@ -1,9 +1,12 @@
-"""What rank 0 shows and records: a progress bar, ``OUT/metrics.jsonl``, TensorBoard events, and every
-``log_every`` steps a throughput line (tokens/s/device, TFLOP/s/device, MFU, peak memory, data wait).
+"""What rank 0 shows and records: a progress bar, ``OUT/metrics.jsonl``, TensorBoard events, W&B
+(``train.wandb``, the same names), and every ``log_every`` steps a throughput line (tokens/s/device,
+TFLOP/s/device, MFU, peak memory, data wait).
 
 ``metrics.jsonl`` holds one JSON object per step: ``step``, ``time`` (seconds since the run started),
 the step's metrics (``loss``, ``grad_norm``, ``lr``, DPO's ``rewards/*`` ...) and, on logging steps,
-the interval's throughput under ``perf/``. A resumed run first drops the lines of steps after its
+the interval's throughput under ``perf/``; the online probes' results (``eval.probe``) are records of
+their own: ``step``, ``time`` and ``probe/...``, no ``loss`` (``step_records`` / ``probe_records``
+split them). A resumed run first drops the lines of steps after its
 checkpoint, so the file reads as one run. A crash or a full disk can leave a torn last line; readers drop it
 with a warning (a bad line anywhere else is an error), and the resume-time rewrite is atomic.
 """
@@ -18,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ConfigError
 from ..profiling import ThroughputMeter
 from .checkpoint.ranks import write_text_atomic
+from .config import WandbConfig, import_wandb
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,16 @@ class MetricsFileError(ValueError):
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     """A run's ``metrics.jsonl`` records, read as :func:`read_metrics_lines` reads them."""
     return [record for _, record in read_metrics_lines(Path(out_dir) / METRICS_FILE)]
+
+
+def step_records(records: list[dict]) -> list[dict]:
+    """The training steps' records (those with a ``loss``), without the online probes' records."""
+    return [record for record in records if "loss" in record]
+
+
+def probe_records(records: list[dict]) -> list[dict]:
+    """The online probes' records (``step``, ``probe/<features>/<probe>/top1``..., ``probe/time_s``)."""
+    return [record for record in records if "probe/time_s" in record]
 
 
 def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
@@ -92,30 +107,47 @@ def host_peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def scalars(record: dict) -> dict:
+    """The record's numbers other than ``step``: what TensorBoard and W&B plot."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 class MetricsLogger:
-    """Does nothing on ranks other than 0 (``enabled=False``)."""
+    """Does nothing on ranks other than 0 (``enabled=False``).
+
+    With ``wandb`` enabled, rank 0 logs to a W&B run whose config is ``run_config``; ``wandb_run_id`` (from
+    the checkpoint a run resumes) continues that run, and the property of that name is the id to save with
+    the next checkpoint (None without W&B)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool,
-                 tensorboard: bool, log_every: int, stage: str, num_devices: int, peak_tflops: float | None):
+                 tensorboard: bool, log_every: int, stage: str, num_devices: int, peak_tflops: float | None,
+                 wandb: WandbConfig | None = None, run_config: dict | None = None, wandb_run_id: str | None = None):
         self.enabled, self.log_every, self.stage = enabled, log_every, stage
         self.path = Path(out_dir) / METRICS_FILE
         self.interval = ThroughputMeter(num_devices, peak_tflops)
         self.whole_run = ThroughputMeter(num_devices, peak_tflops)
         self.start = time.perf_counter()
         self.steps_run = 0
-        self._file = self._bar = self._writer = None
+        self._file = self._bar = self._writer = self._wandb_run = None
         if not enabled:
             return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step + 1)
+        if wandb is not None and wandb.enabled:
+            self._wandb_run = start_wandb_run(wandb, Path(out_dir), run_config or {}, wandb_run_id)
         self._interactive = progress and sys.stderr.isatty()
         if self._interactive:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
                              file=sys.stderr)
         self._total_steps = total_steps
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return None if self._wandb_run is None else self._wandb_run.id
 
     def truncate_after(self, step: int) -> None:
         """Keeps the lines of steps <= ``step`` (a resumed run redoes the others)."""
@@ -145,10 +177,10 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and value is not None:
-                    self._writer.add_scalar(key, value, step)
+            for key, value in scalars(record).items():
+                self._writer.add_scalar(key, value, step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars(record), step=step)
         if self._bar is not None:
             postfix = {"loss": f"{metrics['loss']:.4f}"}
             if "rewards/accuracies" in metrics:
@@ -156,6 +188,35 @@ class MetricsLogger:
             postfix["tok/s"] = f"{metrics['tokens'] / max(record['time'] / max(self.steps_run, 1), 1e-9):.0f}"
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
+
+    def log_probe(self, step: int, results: dict) -> None:
+        """An online probe's results: a record of its own in ``metrics.jsonl`` (``step``, ``probe/...``;
+        no ``loss``), TensorBoard scalars at ``step`` and one printed line."""
+        if not self.enabled or not results:
+            return
+        record = {"step": step, "time": round(time.perf_counter() - self.start, 3), **results}
+        if self._file is None:
+            drop_torn_tail(self.path)
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in results.items():
+                self._writer.add_scalar(key, value, step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars(results), step=step)
+        shown = " | ".join(f"{key.removeprefix('probe/').removesuffix('/top1')} {value:.1f}%"
+                           for key, value in results.items() if key.endswith("/top1"))
+        line = f"probe at step {step} | {shown} | {results.get('probe/time_s', 0):.1f} s"
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leaves ``seconds`` (an online probe) out of the throughput figures."""
+        self.interval.exclude(seconds)
+        self.whole_run.exclude(seconds)
 
     def _print(self, step: int, metrics: dict, perf: dict) -> None:
         parts = [f"step {step}", f"loss {metrics['loss']:.4f}"]
@@ -203,3 +264,20 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def start_wandb_run(config: WandbConfig, out_dir: Path, run_config: dict, run_id: str | None):
+    """``wandb.init`` for rank 0; ``run_id`` continues that run (``resume="allow"``: a fresh one if W&B has
+    none of that id, e.g. an offline run never synced)."""
+    wandb = import_wandb()
+    directory = Path(config.dir or out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(project=config.project, entity=config.entity or None, name=config.name or None,
+                          mode=config.mode, dir=str(directory), config=run_config, id=run_id, resume="allow")
+    except wandb.errors.Error as e:  # no login, a bad entity, no network with mode online ...
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"train.wandb: wandb.init failed: {first_line} (mode {config.mode!r})") from e

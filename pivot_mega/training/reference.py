@@ -27,6 +27,7 @@ from ..parallel import ParallelModel, token_logprobs
 from ..profiling import nvtx_range
 from .config import RunConfig
 from .losses import sequence_logprob_sums
+from ..signals import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,10 @@ class PrecomputedReference:
 
 
 def build_reference(config: RunConfig, dims, loader: PackedDataLoader, build_model, autocast,
-                    device_type: str) -> OnlineReference | PrecomputedReference:
+                    device_type: str, should_stop=None) -> OnlineReference | PrecomputedReference:
     """The reference a DPO run asks for. ``build_model(init_from)`` builds a ParallelModel like the
-    policy's; with ``dpo.precompute_reference`` the file is written first unless it already fits."""
+    policy's; with ``dpo.precompute_reference`` the file is written first unless it already fits.
+    ``should_stop()``: see ``precompute_reference_logps``."""
     dpo, path = config.dpo, config.reference_logps_path
     fingerprint = loader.shards.fingerprint
     if not dpo.precompute_reference:
@@ -119,15 +121,19 @@ def build_reference(config: RunConfig, dims, loader: PackedDataLoader, build_mod
     except ReferenceError:
         pass  # none yet, or for other data: write it
     reference = OnlineReference(build_model(dpo.reference_from or config.init_from))
-    precompute_reference_logps(reference, config, dims, autocast, device_type)
+    precompute_reference_logps(reference, config, dims, autocast, device_type, should_stop=should_stop)
     del reference
     return PrecomputedReference.read(path, fingerprint)
 
 
 def precompute_reference_logps(reference: OnlineReference, config: RunConfig, dims, autocast,
-                               device_type: str) -> Path:
+                               device_type: str, should_stop=None) -> Path:
     """One reference forward over an epoch of the data → ``config.reference_logps_path`` (JSON,
-    pair id → [chosen sum, rejected sum]). Call on all ranks."""
+    pair id → [chosen sum, rejected sum]). Call on all ranks.
+
+    ``should_stop()`` is asked on every rank before each group of micro-batches (it may all-reduce: every
+    rank reads the same number of groups); when it returns a signal's name the pass is abandoned, nothing
+    written, and ``RunStopped`` raised."""
     path = config.reference_logps_path
     model_config = reference.model.modules[0].config
     device_id = torch.cuda.current_device() if device_type == "cuda" else None
@@ -147,6 +153,11 @@ def precompute_reference_logps(reference: OnlineReference, config: RunConfig, di
     done = False
     try:
         while not done:
+            stop = should_stop() if should_stop is not None else None
+            if stop is not None:
+                raise RunStopped(stop, f"during the DPO reference pass, after {len(found)} pair(s) of this rank in "
+                                       f"{time.perf_counter() - started:.0f} s; nothing was written: the pass "
+                                       f"runs again on resume (train.resume=auto)")
             batches = []
             while len(batches) < group:
                 batch = next(batches_iter)

@@ -21,9 +21,7 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +30,9 @@ import torch.distributed as dist
 
 from ..batch import MicroBatch
 from ..config import ConfigError
-from ..data.loader import PackedDataLoader
-from ..data.tokenizer import copy_tokenizer_files
+from ..data.loader import BAD_IMAGE, PackedDataLoader
+from ..data.sources import DataError
+from ..data.tokenizer import check_image_token_id, copy_tokenizer_files
 from ..models.checkpoint_files import CheckpointError, read_config, read_safetensors_dir
 from ..models.mllm import VisionLanguageModel
 from ..parallel import ParallelModel, build_mesh, parallelize
@@ -42,11 +41,14 @@ from ..profiling import StepProfiler, nvtx_range, peak_tflops
 from .checkpoint.dcp import (LoadedCheckpoint, PendingSave, async_save_group, load_checkpoint, resolve_resume,
                              save_checkpoint)
 from .checkpoint.portable import NonFiniteWeightsError, export_model, load_model_weights
-from .config import RunConfig
+from .config import RunConfig, check_run_paths
 from .losses import RunningRewardMean, dpo_metric_names
 from .metrics import MetricsLogger
+from .online_probe import OnlineProbe
 from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_norm_, tied_embedding_copies
 from .reference import build_reference
+from .run_lock import RunLock
+from ..signals import RunStopped, StopSignals
 from .steps import DATA_METRICS, StepRunner
 
 log = logging.getLogger(__name__)
@@ -54,37 +56,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, a reference that does not fit...)."""
-
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 (SLURM's pre-timeout warning) set a flag; the step in progress finishes, a
-    checkpoint is written and the run exits 0. A second signal changes nothing: the save is under way."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def install(self) -> "StopSignals":
-        # Python delivers signals to the main thread only; elsewhere (a test's worker thread) none is installed.
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                number = getattr(signal, name, None)
-                if number is not None:
-                    self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number, frame) -> None:
-        if self.received is None:
-            self.received = signal.Signals(number).name
-            print(f"pivot-mega train: {self.received} received; finishing this step, then saving", file=sys.stderr,
-                  flush=True)
-
-    def restore(self) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-        self._previous = {}
 
 
 @dataclasses.dataclass
@@ -101,6 +72,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.train.out_dir)
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self._warned_batch = False
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -154,10 +126,37 @@ class Trainer:
     # the run
 
     def run(self) -> RunSummary:
+        # The stop signals first: one during start-up or the reference pass stops the run cleanly too.
+        signals = StopSignals().install()
+        self._lock = None
+        try:
+            return self._run(signals)
+        finally:
+            signals.restore()
+            if self._lock is not None:
+                self._lock.release()
+
+    def _take_lock(self, is_main: bool) -> None:
+        """Rank 0 locks ``out_dir`` for this run; a refusal is raised on every rank."""
+        error = None
+        if is_main:
+            try:
+                self._lock = RunLock(self.out_dir).acquire()
+            except ConfigError as e:
+                error = str(e)
+        box = [error]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise ConfigError(box[0])
+
+    def _run(self, signals: StopSignals) -> RunSummary:
         c = self.config
+        check_run_paths(c)
         check_precision(c.precision, self.device_type,
                         tensor_parallel_size=c.parallel.tensor_model_parallel_size)
         model_config = self._model_config()
+        check_image_token_id(c.data.tokenizer, model_config.image_token_id)
         c.model = model_config  # saved with every checkpoint: the run is self-describing
         pp = c.parallel.pipeline_model_parallel_size
         if pp > 1 and c.parallel.microbatches < pp:
@@ -169,8 +168,7 @@ class Trainer:
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(c.train.seed)
         is_main = rank == 0
-        if is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock(is_main)
         log.info("train: stage %s on %d rank(s): %s", c.stage, world, dims.layout)
 
         trainable = tuple(c.trainable)
@@ -192,21 +190,30 @@ class Trainer:
         autocast = self._autocast(dims)
 
         step, trainer_state = 0, {"bad_steps_in_a_row": 0, "bad_steps": 0, "samples": 0, "tokens": 0}
-        resume = resolve_resume(self.out_dir, c.train.resume)
+        wandb_run_id = None  # the W&B run that a resumed run continues (train.wandb)
+        resume = resolve_resume(self.out_dir, c.train.resume, fallback=c.train.resume_fallback)
         if resume is not None:
-            loaded = load_checkpoint(resume, pmodel=pmodel, optimizer=optimizer, scheduler=scheduler)
+            loaded = load_checkpoint(resume, pmodel=pmodel, optimizer=optimizer, scheduler=scheduler, verify=False)
             step = loaded.step
             extra = self._extra_state(loaded)
             loader.load_state_dict(extra["data"], allow_new_world_size=True)
             reward_mean.load_state_dict(extra["reward_mean"])
             trainer_state.update(extra["trainer"])
+            wandb_run_id = extra.get("wandb_run_id")  # None: saved without W&B
             log.info("train: resumed from %s at step %d%s", resume, step,
                      "" if loaded.rng_restored else " (new world size: RNG streams start afresh)")
 
         reference = None
         if c.stage == "dpo":
-            reference = build_reference(c, dims, loader, lambda source: self._build_model(
-                model_config, dims, init_from=source, seed=c.train.seed), autocast, self.device_type)
+            try:
+                reference = build_reference(c, dims, loader, lambda source: self._build_model(
+                    model_config, dims, init_from=source, seed=c.train.seed), autocast, self.device_type,
+                    should_stop=lambda: signals.any_rank_stopping(device))
+            except RunStopped as e:
+                loader.close()
+                if is_main:
+                    print(f"pivot-mega train: stopped by {e.signal_name} {e}", file=sys.stderr, flush=True)
+                return RunSummary(step, e.signal_name, str(self.out_dir), None, {})
 
         runner = StepRunner(c.stage, pmodel, model_config, trainable=trainable, dpo=c.dpo, reference=reference,
                             reward_mean=reward_mean, autocast=autocast)
@@ -214,22 +221,30 @@ class Trainer:
         dtype = "fp8" if c.precision.fp8 != "none" else ("bf16" if c.parallel.mixed_precision == "bf16" else "fp32")
         logger = MetricsLogger(self.out_dir, enabled=is_main, total_steps=total_steps, start_step=step,
                                progress=c.train.progress, tensorboard=c.train.tensorboard, log_every=c.train.log_every,
-                               stage=c.stage, num_devices=world, peak_tflops=peak_tflops(name, dtype))
+                               stage=c.stage, num_devices=world, peak_tflops=peak_tflops(name, dtype),
+                               wandb=c.train.wandb, run_config=c.to_dict(), wandb_run_id=wandb_run_id)
         if is_main:
             logger.truncate_after(step)
             (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-        signals = StopSignals().install()
+        probe = None
+        if c.eval.probe.enabled:
+            probe = OnlineProbe(c.eval.probe, model_config, total_steps=total_steps, seed=c.train.seed,
+                                device=device, is_main=is_main)
         profiler = StepProfiler(c.profile, self.out_dir, self.device_type, rank=rank)
         tp, pp = dims.layout.tp, dims.layout.pp
         tied = tied_embedding_copies(pmodel)
         pending: PendingSave | None = None
-        async_group = async_save_group() if c.train.async_save else None  # one for every save of the run
+        async_group = async_save_group(c.parallel.timeout_s) if c.train.async_save else None  # one for every save of the run
         saved_step = step if resume is not None else None
-        metrics, extra, stopped_by = {}, None, None
+        metrics, extra = {}, None
+        stopped_by = signals.any_rank_stopping(device)  # a signal during start-up: no step is begun
         batches_iter = iter(loader)
         exhausted = False
+        probed_step = step if resume is not None else None  # a resumed run probed its start step already
         try:
-            while step < total_steps and not exhausted:
+            if probe is not None and probed_step is None and stopped_by is None:
+                probed_step = self._probe(probe, pmodel, step, logger)
+            while step < total_steps and not exhausted and stopped_by is None:
                 profiler.step_begin(step + 1)
                 wait_start = time.perf_counter()
                 with profiler.range("data"):
@@ -246,12 +261,15 @@ class Trainer:
                 # One all-reduce: the metric sums and the stop flag of every rank.
                 names = runner.metric_names
                 flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=device)
-                vector = torch.stack([result.sums[n] for n in names] + [flag])
+                bad_images = torch.tensor(float(loader.counters.skipped[BAD_IMAGE]), dtype=torch.float64,
+                                          device=device)
+                vector = torch.stack([result.sums[n] for n in names] + [bad_images, flag])
                 with profiler.range("metrics_all_reduce"):
                     dist.all_reduce(vector)
                 values = {n: v / ((tp * pp) if n in DATA_METRICS else tp)
-                          for n, v in zip(names, vector[:-1].tolist())}
+                          for n, v in zip(names, vector[:-2].tolist())}
                 stop_requested = vector[-1].item() > 0
+                skipped = self._skipped(loader, round(vector[-2].item() / (tp * pp)))
                 loss = values["loss_sum"] / max(result.global_count, 1)
                 finite = math.isfinite(loss) and bool(torch.isfinite(norm))
                 lr = scheduler.get_last_lr()[0]  # this step's
@@ -271,7 +289,9 @@ class Trainer:
                 logger.add_step(int(values["tokens"]), values["flops"], data_wait)
                 metrics = self._step_metrics(values, loss, result, norm, lr, trainer_state, finite,
                                              len(batches), batches[-1].epoch)
+                metrics.update(skipped)
                 logger.log(step, metrics)
+                self._check_skipped(loader, skipped)
                 profiler.step_end(step)
                 if not finite:
                     log.warning("train: step %d skipped: loss %s, grad norm %s (%d in a row, %d in all)", step, loss,
@@ -281,13 +301,18 @@ class Trainer:
                                             f"loss or gradient norm (train.max_bad_steps={c.train.max_bad_steps}); "
                                             f"last loss {loss}, grad norm {float(norm)}. Lower optim.lr, check "
                                             f"the data, or resume from an earlier checkpoint")
-                extra = {"data": data_state, "reward_mean": reward_mean.state_dict(), "trainer": dict(trainer_state)}
+                if probe is not None and probe.due(step):
+                    probed_step = self._probe(probe, pmodel, step, logger)
+                extra = {"data": data_state, "reward_mean": reward_mean.state_dict(), "trainer": dict(trainer_state),
+                         "wandb_run_id": logger.wandb_run_id}
                 if stop_requested or (c.train.save_every and step % c.train.save_every == 0):
                     pending = self._save(pending, step, pmodel, optimizer, scheduler, extra, async_group)
                     saved_step = step
                 if stop_requested:
-                    stopped_by = signals.received or "a signal on another rank"
+                    stopped_by = signals.received or signals.OTHER_RANK
                     break
+            if probe is not None and stopped_by is None and probed_step != step:  # the data ended first
+                probed_step = self._probe(probe, pmodel, step, logger)
             if stopped_by is None and extra is not None and saved_step != step:
                 pending = self._save(pending, step, pmodel, optimizer, scheduler, extra, async_group)
             if pending is not None:
@@ -306,14 +331,14 @@ class Trainer:
                 pending.close()
             if async_group is not None:
                 dist.destroy_process_group(async_group)
-            signals.restore()
             profiler.close()
             loader.close()
             logger.close()
-        if stopped_by is not None:
-            if is_main:
-                print(f"pivot-mega train: stopped by {stopped_by} after step {step}; checkpoint "
-                      f"{pending.path}. Resume with train.resume=auto", file=sys.stderr, flush=True)
+        if stopped_by is not None and is_main:
+            where = (f"checkpoint {pending.path}" if pending is not None and saved_step == step else
+                     f"nothing new to save (checkpoint {resume})" if resume is not None else "nothing to save")
+            print(f"pivot-mega train: stopped by {stopped_by} after step {step}; {where}. Resume with "
+                  f"train.resume=auto", file=sys.stderr, flush=True)
         logger.print_summary()
         return RunSummary(step, stopped_by, str(self.out_dir), None if final is None else str(final), metrics)
 
@@ -338,12 +363,26 @@ class Trainer:
             batches.append(batch)
             state = loader.state_dict()
             samples += batch.global_samples
+            if len(batches) == 1 and batch.global_samples > c.train.global_batch_size and not self._warned_batch:
+                self._said_batch_size(batch.global_samples)
             if samples >= c.train.global_batch_size and len(batches) >= minimum and len(batches) % multiple == 0:
                 break
         if batches and pp > 1:
             while len(batches) < minimum or len(batches) % multiple:
                 batches.append(batches[-1].blank())
         return batches, state, exhausted
+
+    def _said_batch_size(self, micro_batch_samples: int) -> None:
+        """Says, once, that one micro-batch already holds more than ``train.global_batch_size`` samples:
+        a step trains at least one, so more than asked; a warning when it is twice as many or more."""
+        c = self.config
+        self._warned_batch = True
+        level = logging.WARNING if micro_batch_samples >= 2 * c.train.global_batch_size else logging.INFO
+        log.log(level, "train: train.global_batch_size=%d is smaller than one micro-batch, which holds %d samples "
+                       "over the data-parallel ranks (data.micro_batch_rows=%d rows of %d tokens): each step trains "
+                       "at least one micro-batch, more samples than asked (logged as 'samples'); lower "
+                       "data.micro_batch_rows or raise train.global_batch_size to match", c.train.global_batch_size,
+                micro_batch_samples, c.data.micro_batch_rows, c.data.max_seq_len)
 
     def _step_metrics(self, values: dict, loss: float, result, norm, lr: float, state: dict, finite: bool,
                       micro_batches: int, epoch: int) -> dict:
@@ -357,6 +396,40 @@ class Trainer:
             for name in dpo_metric_names(self.config.dpo, logged=True):
                 out[name] = values[name] / pairs
         return out
+
+    @staticmethod
+    def _probe(probe: OnlineProbe, pmodel, step: int, logger: MetricsLogger) -> int:
+        """The online probe at ``step`` (all ranks), logged apart from the step and its time left out of
+        the throughput; → ``step``."""
+        started = time.perf_counter()
+        with nvtx_range("online_probe"):
+            results = probe.run(pmodel, step)
+        logger.log_probe(step, results)
+        logger.exclude_time(time.perf_counter() - started)
+        return step
+
+    @staticmethod
+    def _skipped(loader: PackedDataLoader, bad_images: int) -> dict:
+        """Samples skipped so far in the run, all ranks', by reason: ``data/skipped`` and
+        ``data/skipped/<reason>`` (bad images summed over the data-parallel ranks that decode them; every
+        other reason is found by every rank reading the same sidecars)."""
+        by_reason = {reason: count for reason, count in loader.counters.skipped.items() if reason != BAD_IMAGE}
+        if bad_images:
+            by_reason[BAD_IMAGE] = bad_images
+        out = {"data/skipped": sum(by_reason.values())}
+        out.update({f"data/skipped/{reason}": count for reason, count in sorted(by_reason.items())})
+        return out
+
+    def _check_skipped(self, loader: PackedDataLoader, skipped: dict) -> None:
+        """Stops a run losing its data: more than ``data.max_skipped_fraction`` of the samples read so far
+        skipped, once 100 have been read (the same answer on every rank)."""
+        read, lost = loader.counters.samples_read, skipped["data/skipped"]
+        limit = self.config.data.max_skipped_fraction
+        if read >= 100 and lost > limit * read:
+            reasons = {key.removeprefix("data/skipped/"): count for key, count in skipped.items() if key != "data/skipped"}
+            raise DataError(f"{self.config.data.shards}: {lost} of the {read} samples read so far were skipped "
+                            f"({100 * lost / read:.1f} %, above data.max_skipped_fraction={limit}): {reasons}. The "
+                            f"warnings above name the first ones; fix or rebuild the shards, or raise the limit")
 
     def _save(self, pending, step, pmodel, optimizer, scheduler, extra, async_group) -> PendingSave:
         if pending is not None:

@@ -1,5 +1,6 @@
 """The example sbatch files on a real one-node Slurm (munged + slurmctld + slurmd on loopback), in CPU
-mode: 2 tasks = 2 gloo ranks of a tiny DPO run. Also shellcheck on every shell script we ship."""
+mode: 2 tasks = 2 gloo ranks of a tiny DPO run; and on a two-node Slurm (one network namespace and
+slurmd per node on this machine), one task per node. Also shellcheck on every shell script we ship."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm import LocalSlurm, SlurmUnavailable
+from tests.cluster.slurm import LocalSlurm, NodeNetwork, NodeNetworkUnavailable, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "pivot_dpo_h100.sbatch"
@@ -21,12 +22,31 @@ SHELL_SCRIPTS = sorted([*REPO.glob("examples/*.sbatch"), *REPO.glob("examples/sl
 # CPU mode on a 2-CPU node: the GPU and per-task CPU requests of the file are overridden on the command
 # line, as any sbatch option can be.
 CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+# Two nodes of one CPU each, one task (gloo rank) per node.
+TWO_NODE_OPTIONS = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     try:
         cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=2)
+    except SlurmUnavailable as e:
+        if os.geteuid() != 0 and "cannot be installed" in str(e):
+            pytest.skip(f"no Slurm here and no way to install it: {e}")
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm2(tmp_path_factory):
+    """Two Slurm nodes, node1 and node2, each in a network namespace of its own with its own address."""
+    try:
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), cpus=1, nodes=2)
+    except NodeNetworkUnavailable as e:
+        pytest.skip(f"no network namespaces for two Slurm nodes here: {e}")
     except SlurmUnavailable as e:
         if os.geteuid() != 0 and "cannot be installed" in str(e):
             pytest.skip(f"no Slurm here and no way to install it: {e}")
@@ -51,12 +71,13 @@ def _tiny_run(directory: Path, max_steps: int) -> Path:
     return runs.write_tiny_run(directory, "dpo", [f"train.max_steps={max_steps}", "train.epochs=1000"])
 
 
-def _submit(slurm: LocalSlurm, tmp_path: Path, config: Path, *overrides: str) -> str:
+def _submit(slurm: LocalSlurm, tmp_path: Path, config: Path, *overrides: str, options: list[str] = CPU_OPTIONS,
+            env: dict | None = None) -> str:
     (tmp_path / "logs").mkdir(exist_ok=True)
     env = {"CONFIG": str(config), "PIVOT_DEVICE": "cpu", "PIVOT_ROOT": str(REPO),
            # pivot-mega of this interpreter's environment, wherever pytest was started from
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    return slurm.sbatch([*CPU_OPTIONS, str(SBATCH), *overrides], cwd=tmp_path, env=env)
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **(env or {})}
+    return slurm.sbatch([*options, str(SBATCH), *overrides], cwd=tmp_path, env=env)
 
 
 def _log(tmp_path: Path, job: str) -> str:
@@ -90,10 +111,33 @@ def test_dpo_sbatch_trains_on_two_cpu_tasks(slurm, tmp_path):
 def test_pre_timeout_signal_saves_requeues_and_resumes(slurm, tmp_path):
     """SIGUSR1 to the job's tasks (what --signal=USR1@120 sends before the time limit): the trainer
     saves and exits 0, the job requeues itself and the next start resumes from the checkpoint."""
-    max_steps = 200
+    _requeue_and_resume(slurm, tmp_path, max_steps=200)
+
+
+@pytest.mark.timeout(400)
+def test_two_node_dpo_sbatch_requeues_and_resumes(slurm2, tmp_path):
+    """The same on two nodes with an address each (--nodes=2, one gloo rank per node): the rank on
+    node2 meets rank 0 at node1's NodeAddr, both stop on SIGUSR1, and the requeued job resumes."""
+    first = slurm2.node_addrs[0]
+    # gloo binds to the address its host name resolves to: here the one name of this machine on both
+    # "nodes", loopback, and the ranks cannot connect ("Gloo connectFullMesh failed ... Connection
+    # refused, remote=[127.0.0.1]"). Name the interface of each node's own address instead, as one
+    # would on a cluster whose host names resolve to another network.
+    log = _requeue_and_resume(slurm2, tmp_path, max_steps=120, options=TWO_NODE_OPTIONS,
+                              env={"GLOO_SOCKET_IFNAME": NodeNetwork.IFNAME})
+    assert "on 2 node(s) (node[1-2]), 2 task(s)" in log, log
+    assert log.count(f"pivot_train: rendezvous on node1 at {first}") == 2, log
+    manifest = json.loads((tmp_path / "run" / "out" / "checkpoints" / "step_000120" / "checkpoint.json").read_text())
+    assert manifest["world_size"] == 2, manifest
+
+
+def _requeue_and_resume(slurm: LocalSlurm, tmp_path: Path, *, max_steps: int, options: list[str] = CPU_OPTIONS,
+                        env: dict | None = None) -> str:
+    """Submits the DPO sbatch, sends SIGUSR1 once training is under way, lets the requeued job start
+    and checks that it resumed from the saved step to the end; → the job's log."""
     config = _tiny_run(tmp_path / "run", max_steps=max_steps)
     out = tmp_path / "run" / "out"
-    job = _submit(slurm, tmp_path, config, "train.log_every=1")
+    job = _submit(slurm, tmp_path, config, "train.log_every=1", options=options, env=env)
     deadline = time.monotonic() + 240
     while len(_metrics(out)) < 5:  # training is under way on both ranks
         info = slurm.job(job)
@@ -135,6 +179,7 @@ def test_pre_timeout_signal_saves_requeues_and_resumes(slurm, tmp_path):
     assert (out / "checkpoints" / f"step_{stopped:06d}").is_dir()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{max_steps:06d}"
     assert not list((tmp_path / "logs").glob(".requeue-*"))
+    return log
 
 
 def tool(name: str) -> str | None:

@@ -1,6 +1,7 @@
 """Layout validation (one clear error before any work) and rank discovery from torchrun / SLURM."""
 
 import dataclasses
+import datetime
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_the_default_group_is_bound_to_the_gpu_before_it_starts(monkeypatch, dev
     init_distributed(launch, device_type=device_type)
     gpu = torch.device("cuda", world_size - 1)
     if device_type == "cpu":
-        assert calls == [("gloo", {"rank": 7, "world_size": 8})]
+        assert calls == [("gloo", {"rank": 7, "world_size": 8, "timeout": datetime.timedelta(seconds=600)})]
         return
     assert calls[0] == ("set_device", gpu)  # before the group: NCCL's communicator is made on this GPU
     backend, kwargs = calls[1]

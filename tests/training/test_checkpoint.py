@@ -249,9 +249,11 @@ def test_latest_pointer_pruning_and_resume_resolution(tmp_path, seed):
 
     (root / "latest").unlink()  # interrupted between the rename and the pointer: newest complete one
     assert resolve_resume(tmp_path, "auto") == root / "step_000003"
-    (root / "latest").write_text("step_000005\n")
-    with pytest.raises(CheckpointError, match=r"latest names checkpoint 'step_000005', which is not a directory"):
-        resolve_resume(tmp_path, "auto")
+    (root / "latest").write_text("step_000005\n")  # a bad pointer: the newest good one, or refused
+    assert resolve_resume(tmp_path, "auto") == root / "step_000003"
+    with pytest.raises(CheckpointError, match=r"latest names 'step_000005', which is not a checkpoint directory"
+                                              r"(.|\n)*train.resume_fallback=true"):
+        resolve_resume(tmp_path, "auto", fallback=False)
     with pytest.raises(CheckpointError, match=r"step_000004 does not exist"):
         resolve_resume(tmp_path, str(root / "step_000004"))
     with pytest.raises(CheckpointError, match=r"step_000009.tmp: incomplete or not a training checkpoint"):

@@ -36,6 +36,8 @@ belong to an asynchronous save still running or to another process writing into 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
 import json
 import logging
 import os
@@ -50,6 +52,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -60,8 +63,9 @@ from ...models.checkpoint_files import CheckpointError, check_tensors
 from ...models.checkpoint_io import expected_shapes
 from ...parallel import ParallelModel
 from .dcp_metadata import MetadataReader
-from .ranks import (raise_if_any_rank_failed, rank, rng_state, run_on_rank0, set_rng_state, single_process_quiet,
-                    world_size, write_text_atomic)
+from .integrity import complete_digests, digest_own_files, verify_files
+from .ranks import (gather_from_ranks, raise_if_any_rank_failed, rank, rng_state, run_on_rank0, set_rng_state,
+                    single_process_quiet, world_size, write_text_atomic)
 from .stages import model_config, rank_module
 
 FORMAT_NAME = "pivot_mega.training_checkpoint"
@@ -89,12 +93,16 @@ def checkpoint_name(step: int) -> str:
 # save
 
 
-def async_save_group():
+def async_save_group(timeout_s: float | None = None):
     """The process group of asynchronous saves: gloo, since DCP's async save runs its collectives on a
     CPU backend (the main group is NCCL on GPUs), and a group of its own, so that the background
     write's collectives never interleave with the training step's. Make it once per run and pass it
-    to every save (a new group connects every pair of ranks); None without torch.distributed."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    to every save (a new group connects every pair of ranks); None without torch.distributed.
+    ``timeout_s``: its collectives' timeout (the run's ``parallel.timeout_s``; None: torch's default)."""
+    if not dist.is_initialized():
+        return None
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 class PendingSave:
@@ -107,11 +115,14 @@ class PendingSave:
     """
 
     def __init__(self, root: Path, step: int, manifest_text: str, keep_last: int, future: Future | None = None,
-                 group=None, owns_group: bool = False):
+                 group=None, owns_group: bool = False, *, digests: dict | None = None, error: str | None = None):
         self.root, self.step, self.path = root, step, root / checkpoint_name(step)
         self.tmp = _in_progress(self.path)
         self._manifest_text, self._keep_last = manifest_text, keep_last
+        # future: the background write, whose result is this rank's file digests; or, written already,
+        # the digests (or the error) themselves.
         self._future, self._group, self._owns_group = future, group, owns_group
+        self._digests, self._error = digests, error
         self._complete = self._closed = False
 
     def done(self) -> bool:
@@ -119,21 +130,24 @@ class PendingSave:
         return self._complete or self._future is None or self._future.done()
 
     def wait(self) -> Path:
+        """Completes the save on every rank: the ranks' checksums go into the manifest, the directory is
+        renamed into place. A failure on any rank removes the partial save (the previous checkpoint is
+        untouched) and raises one CheckpointError on every rank."""
         if self._complete:
             return self.path
         if self._closed:
             raise CheckpointError(f"{self.tmp}: the save was closed without being completed")
-        error = None
         try:
-            self._future_result()
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
-            error = f"writing {self.tmp} failed: {e!r}"
+            digests = self._future_result()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported on every rank below
+            self._error = describe_save_failure(e, self.tmp)
+            digests = None
         try:
-            raise_if_any_rank_failed(error)
+            gathered = _agree_or_abandon(self.root, self.tmp, digests, self._error)
         except CheckpointError:
             self._closed = True  # a failed write is never committed by a later wait()
             raise
-        run_on_rank0(self._commit)
+        run_on_rank0(lambda: self._commit(gathered))
         self._complete = True
         return self.path
 
@@ -147,22 +161,31 @@ class PendingSave:
         self._closed = True
         try:
             self._future_result()
-        except Exception as e:  # noqa: BLE001 - the run is already failing; say why this save is lost
-            log.warning("checkpoint: %s left incomplete: %r", self.tmp, e)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - the run is already failing; say why
+            log.warning("checkpoint: %s left incomplete: %s", self.tmp, describe_save_failure(e, self.tmp))
 
-    def _future_result(self) -> None:
+    def _future_result(self) -> dict | None:
         try:
             if self._future is not None:
-                self._future.result()
+                self._digests = self._future.result()
+            return self._digests
         finally:
             self._future = None
             if self._group is not None and self._owns_group:
                 dist.destroy_process_group(self._group)
             self._group = None
 
-    def _commit(self) -> None:
-        """Manifest last into the temp dir, rename it into place, point ``latest`` at it, prune."""
-        write_text_atomic(self.tmp / MANIFEST_FILE, self._manifest_text)
+    def _commit(self, gathered: list[dict]) -> None:
+        """Manifest (with every file's checksum) last into the temp dir, rename it into place, point
+        ``latest`` at it, prune."""
+        manifest = json.loads(self._manifest_text)
+        try:
+            manifest["files"] = complete_digests(self.tmp, gathered, skip=(MANIFEST_FILE,))
+            write_text_atomic(self.tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {self.path.name} not saved, its partial files removed"
+                                  f"{_previous_kept(self.root)}: {describe_save_failure(e, self.tmp)}") from e
         if self.path.exists():  # the same step saved before (a resume from an earlier checkpoint)
             replaced = self.path.with_name(self.path.name + ".replaced")
             shutil.rmtree(replaced, ignore_errors=True)
@@ -173,6 +196,74 @@ class PendingSave:
             os.rename(self.tmp, self.path)
         write_text_atomic(self.root / LATEST_FILE, self.path.name + "\n")
         prune_checkpoints(self.root, keep_last=self._keep_last, keep=self.path)
+
+
+# Below this much free space a failed write is taken for a full disk, whatever the error says: torch's
+# file writer reports one as "unexpected pos 704 vs 598".
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def describe_save_failure(error: BaseException, where: Path) -> str:
+    """One line for a failed save: DCP's CheckpointException unwrapped into each rank's error, and a
+    full disk said as such, with where and how much space is left."""
+    causes = [exc for exc, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    text = describe_dcp_failure(error)
+    free = _free_bytes(where)
+    if any(_is_disk_full(cause) for cause in causes) or (free is not None and free < _NEARLY_FULL_BYTES):
+        usage = f" ({free / 1e6:.1f} MB free)" if free is not None else ""
+        return f"no space left on the device holding {where.parent}{usage}; free some space. ({text})"
+    return text
+
+
+def describe_dcp_failure(error: BaseException) -> str:
+    """DCP's CheckpointException (a BaseException holding each failed rank's exception and traceback)
+    as one line, ``rank R: Type: first line`` per rank; any other error as ``Type: first line``."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return "; ".join(f"rank {r}: {_one_line(exc)}" for r, (exc, _) in sorted(error.failures.items()))
+    if isinstance(error, CheckpointException):
+        return str(error).strip().splitlines()[0]
+    return _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}" + (" ..." if len(lines) > 1 else "")
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _agree_or_abandon(root: Path, tmp: Path, value, error: str | None) -> list:
+    """Every rank's ``value``; or, when any rank failed, the partial save ``tmp`` removed and one
+    CheckpointError on every rank saying so (call on all ranks)."""
+    try:
+        return gather_from_ranks(value, error)
+    except CheckpointError as e:
+        run_on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))
+        name = tmp.name.removesuffix(".tmp")
+        raise CheckpointError(f"checkpoint {name} not saved, its partial files removed{_previous_kept(root)}: "
+                              f"{e}") from None
+
+
+def _previous_kept(root: Path) -> str:
+    kept = complete_checkpoints(root)
+    return f" ({kept[-1].name} is kept)" if kept else ""
 
 
 def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelModel | nn.Module,
@@ -212,8 +303,13 @@ def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelMo
     def prepare() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)  # a crashed attempt at this step
-        (tmp / RANK_STATE_DIR).mkdir(parents=True)
-        write_text_atomic(tmp / RUN_CONFIG_FILE, texts["config"])
+        try:
+            (tmp / RANK_STATE_DIR).mkdir(parents=True)
+            write_text_atomic(tmp / RUN_CONFIG_FILE, texts["config"])
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint {tmp.name.removesuffix('.tmp')} not saved"
+                                  f"{_previous_kept(root)}: {describe_save_failure(e, tmp)}") from e
     run_on_rank0(prepare)
 
     error = None
@@ -221,24 +317,44 @@ def save_checkpoint(out_dir: str | os.PathLike, *, step: int, pmodel: ParallelMo
         stem = tmp / RANK_STATE_DIR / f"rank_{this_rank:05d}"
         torch.save(rng_state(), stem.with_suffix(".pt"))
         write_text_atomic(stem.with_suffix(".json"), texts["extra"])
-    except OSError as e:
-        error = f"cannot write {tmp / RANK_STATE_DIR}: {e}"
-    raise_if_any_rank_failed(error)
+    except (OSError, RuntimeError) as e:
+        error = f"cannot write {tmp / RANK_STATE_DIR}: {describe_save_failure(e, tmp)}"
+    _agree_or_abandon(root, tmp, None, error)
 
     state = _dcp_state(pmodel, optimizer if _holds_parameters(optimizer) else None)
     writer = dcp.FileSystemWriter(tmp)
     if not async_save:
-        with single_process_quiet():
-            dcp.save(state, storage_writer=writer, no_dist=world_size() == 1)
-        pending = PendingSave(root, step, texts["manifest"], keep_last)
+        digests, error = None, None
+        try:
+            with single_process_quiet():
+                dcp.save(state, storage_writer=writer, no_dist=world_size() == 1)
+            digests = digest_own_files(tmp, this_rank)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank hears of it in wait()
+            error = describe_save_failure(e, tmp)
+        pending = PendingSave(root, step, texts["manifest"], keep_last, digests=digests, error=error)
         pending.wait()
         return pending
     owns_group = async_group is None
     group = async_save_group() if owns_group else async_group
     # FileSystemWriter is a BlockingAsyncStager: async_save copies the state to CPU memory before it
-    # returns a plain Future (not an AsyncSaveResponse, whose staging would still be running).
-    future = dcp.async_save(state, storage_writer=writer, process_group=group)
+    # returns a plain Future (not an AsyncSaveResponse, whose staging would still be running). This
+    # rank's checksums are computed in the write's thread once it is done.
+    future = _then_digest(dcp.async_save(state, storage_writer=writer, process_group=group), tmp, this_rank)
     return PendingSave(root, step, texts["manifest"], keep_last, future, group, owns_group)
+
+
+def _then_digest(write: Future, tmp: Path, this_rank: int) -> Future:
+    """A future of this rank's file digests, computed when ``write`` has finished (in its thread)."""
+    digests: Future = Future()
+
+    def finished(done: Future) -> None:
+        try:
+            done.result()
+            digests.set_result(digest_own_files(tmp, this_rank))
+        except BaseException as e:  # noqa: BLE001 - CheckpointException is one; wait() reports it
+            digests.set_exception(e)
+    write.add_done_callback(finished)
+    return digests
 
 
 def _in_progress(path: Path) -> Path:
@@ -285,48 +401,94 @@ class LoadedCheckpoint:
     rng_restored: bool           # False when the world size changed (RNG streams are per rank)
 
 
-def resolve_resume(out_dir: str | os.PathLike, resume: str) -> Path | None:
-    """``train.resume`` → the checkpoint directory to load, or None to start fresh.
+def resolve_resume(out_dir: str | os.PathLike, resume: str, *, fallback: bool = True) -> Path | None:
+    """``train.resume`` → the checkpoint directory to load, verified, or None to start fresh; call on
+    all ranks (the files' checksums are verified by all of them together).
 
-    ``none``: None. ``auto``: the checkpoint ``OUT/checkpoints/latest`` names; without that file the
-    newest complete ``step_N`` (a save interrupted between rename and pointer update), or None when
-    there is none; ``.tmp`` directories (incomplete) are ignored. Anything else is a checkpoint path.
+    ``none``: None. ``auto``: the checkpoint ``OUT/checkpoints/latest`` names, then the other complete
+    ``step_N`` newest first (``.tmp`` directories, incomplete, are ignored); the first one whose
+    manifest, metadata and checksums are good, saying why each newer one was passed over; None when
+    there is none. With ``fallback`` False the first bad one is an error instead. An error too when
+    checkpoints exist and none is good. Anything else is a checkpoint path, which must be good.
     """
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
-        _read_manifest(path)
+        check_checkpoint(path)
         return path
     root = Path(out_dir) / CHECKPOINTS_DIR
+    candidates, passed_over = [], []
     latest = root / LATEST_FILE
+    named = None
     if latest.is_file():
         name = latest.read_text().strip()
-        path = root / name
-        if not name or not path.is_dir():
-            raise CheckpointError(f"{latest} names checkpoint {name!r}, which is not a directory in {root}; "
-                                  f"point it at one of {[p.name for p in complete_checkpoints(root)]} "
-                                  f"or set train.resume to a checkpoint path or none")
-        _read_manifest(path)
+        named = root / name if name else None
+        if named is not None and not _inside(named, root):
+            log.warning("checkpoint: %s names %s, outside this run's directory %s; resuming from it", latest,
+                        named, root)
+        if named is None or not named.is_dir():
+            passed_over.append(f"{latest} names {name!r}, which is not a checkpoint directory")
+            named = None
+        else:
+            candidates.append(named)
+    candidates += [path for path in reversed(complete_checkpoints(root)) if path != named]
+    for path in candidates:
+        if passed_over and not fallback:
+            break
+        try:
+            check_checkpoint(path)
+        except CheckpointError as e:
+            passed_over.append(str(e))
+            continue
+        for reason in passed_over:
+            log.warning("checkpoint: passed over: %s", reason)
+        if passed_over:
+            log.warning("checkpoint: resuming from %s, the newest good checkpoint", path)
         return path
-    complete = complete_checkpoints(root)
-    if complete:
-        _read_manifest(complete[-1])
-        return complete[-1]
-    return None
+    if not passed_over:
+        return None
+    listed = "\n  ".join(passed_over)
+    hint = ("train.resume_fallback=true resumes from the newest good checkpoint instead; " if not fallback else "")
+    raise CheckpointError(f"cannot resume from {root}:\n  {listed}\n{hint}train.resume=none starts afresh; "
+                          f"train.resume=PATH picks one")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
+def check_checkpoint(directory: Path) -> dict:
+    """The manifest of a complete checkpoint whose metadata reads and whose files match their recorded
+    checksums, or a CheckpointError naming what is wrong (on every rank; call on all ranks)."""
+    error, manifest = None, None
+    try:
+        manifest = _read_manifest(directory)
+        _read_dcp_metadata(directory)
+    except CheckpointError as e:
+        error = str(e)
+    raise_if_any_rank_failed(error)
+    if "files" not in manifest:
+        log.warning("checkpoint: %s records no checksums (written by an older pivot_mega): not verified", directory)
+    verify_files(directory, manifest.get("files"))
+    return manifest
 
 
 def load_checkpoint(directory: str | os.PathLike, *, pmodel: ParallelModel | nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler=None,
-                    restore_rng: bool = True) -> LoadedCheckpoint:
+                    restore_rng: bool = True, verify: bool = True) -> LoadedCheckpoint:
     """Loads a checkpoint into this run's model (any layout), optimizer and scheduler; call on all ranks.
 
     Without ``optimizer`` only the model is loaded. Gradients are cleared (the optimizer state is
     created, then overwritten). The checkpoint is checked against the model first: a missing,
-    unexpected or mis-shaped tensor is an error that names it, on every rank.
+    unexpected or mis-shaped tensor is an error that names it, on every rank. Its files are checked
+    against their checksums (``verify``; False for a directory ``resolve_resume`` has just checked).
     """
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = check_checkpoint(directory) if verify else _read_manifest(directory)
     metadata = _read_dcp_metadata(directory)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -335,9 +497,12 @@ def load_checkpoint(directory: str | os.PathLike, *, pmodel: ParallelModel | nn.
     if scheduler is not None and manifest.get("scheduler") is None:
         raise CheckpointError(f"{directory / MANIFEST_FILE}: holds no scheduler state, but a scheduler was given")
 
-    with single_process_quiet():
-        dcp.load(state, storage_reader=MetadataReader(directory), planner=_WeightsOnlyLoadPlanner(),
-                 no_dist=world_size() == 1)
+    try:
+        with single_process_quiet():
+            dcp.load(state, storage_reader=MetadataReader(directory), planner=_WeightsOnlyLoadPlanner(),
+                     no_dist=world_size() == 1)
+    except CheckpointException as e:  # a BaseException: an `except Exception` above would miss it
+        raise CheckpointError(f"{directory}: reading the checkpoint failed: {describe_dcp_failure(e)}") from None
     module = rank_module(pmodel)
     if not _holds_parameters(optimizer):
         set_model_state_dict(module, state["model"])

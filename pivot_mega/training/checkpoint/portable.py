@@ -65,18 +65,9 @@ def export_model(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike
     ``NonFiniteWeightsError`` on every rank, writing nothing, if any tensor holds NaN or Inf."""
     directory = Path(directory)
     config = model_config(pmodel)
-    sender = not isinstance(pmodel, ParallelModel) or (pmodel.dims.dp_rank == 0 and pmodel.dims.tp_rank == 0)
-    local: dict[str, torch.Tensor] = {}
-    non_finite: list[str] = []
-    for module in stage_modules(pmodel):
-        for name, tensor in module.state_dict().items():
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective over its mesh
-            if full.is_floating_point() and not bool(torch.isfinite(full).all()):
-                non_finite.append(name)
-            if sender:
-                local[name] = full.detach().cpu()
+    local, non_finite = _full_stage_tensors(pmodel)
     _refuse_non_finite(directory, non_finite)
-    copies = _gather_on_rank0(local if sender else {}, comm_device(pmodel))
+    copies = _gather_on_rank0(local, comm_device(pmodel))
 
     def write() -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -91,6 +82,36 @@ def export_model(pmodel: ParallelModel | nn.Module, directory: str | os.PathLike
         write_checkpoint(directory, config, tensors, unused_vision=unused_vision)
     run_on_rank0(write)
     return directory
+
+
+def gather_full_tensors(pmodel: ParallelModel | nn.Module, keep=None) -> dict[str, torch.Tensor]:
+    """The whole model's tensors whose names ``keep(name)`` accepts (all without it), full and on the
+    CPU, on rank 0; {} elsewhere. Call on all ranks: each gathers its stage's shards (collectives over
+    their meshes) and one rank per stage sends them to rank 0."""
+    local, _ = _full_stage_tensors(pmodel, keep)
+    tensors: dict[str, torch.Tensor] = {}
+    for _, received in _gather_on_rank0(local, comm_device(pmodel)):
+        for name, tensor in received.items():
+            tensors.setdefault(name, tensor)
+    return tensors
+
+
+def _full_stage_tensors(pmodel, keep=None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """This rank's stage's tensors made whole (every rank takes part: ``full_tensor`` is a collective),
+    kept on the CPU by one rank per stage (dp and tp rank 0), and the names of the non-finite ones."""
+    sender = not isinstance(pmodel, ParallelModel) or (pmodel.dims.dp_rank == 0 and pmodel.dims.tp_rank == 0)
+    local: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []
+    for module in stage_modules(pmodel):
+        for name, tensor in module.state_dict().items():
+            if keep is not None and not keep(name):
+                continue
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective over its mesh
+            if full.is_floating_point() and not bool(torch.isfinite(full).all()):
+                non_finite.append(name)
+            if sender:
+                local[name] = full.detach().cpu()
+    return local, non_finite
 
 
 def _refuse_non_finite(directory: Path, non_finite: list[str]) -> None:

@@ -32,17 +32,24 @@ def world_size() -> int:
 
 def raise_if_any_rank_failed(error: str | None) -> None:
     """Every rank raises the same CheckpointError if any rank has an error (a barrier otherwise)."""
-    errors = [error]
+    gather_from_ranks(None, error)
+
+
+def gather_from_ranks(value, error: str | None) -> list:
+    """Every rank's ``value``, on every rank; or, if any rank has an error, the same CheckpointError
+    (naming the ranks) raised on every rank."""
+    gathered = [(value, error)]
     if dist.is_initialized() and world_size() > 1:
-        errors = [None] * world_size()
-        dist.all_gather_object(errors, error)
+        gathered = [None] * world_size()
+        dist.all_gather_object(gathered, (value, error))
     failed = {}
-    for rank_number, message in enumerate(errors):
+    for rank_number, (_, message) in enumerate(gathered):
         if message is not None:
             failed.setdefault(message, []).append(rank_number)
     if failed:
-        raise CheckpointError("\n".join(message if len(errors) == 1 else f"rank(s) {ranks}: {message}"
+        raise CheckpointError("\n".join(message if len(gathered) == 1 else f"rank(s) {ranks}: {message}"
                                         for message, ranks in failed.items()))
+    return [value for value, _ in gathered]
 
 
 def run_on_rank0(fn) -> None:
