@@ -70,9 +70,9 @@ def test_each_command_runs_from_the_module_next_to_its_code():
     assert {name: run.__module__ for name, run in runners.items()} == {
         "convert": "pivot_mega.convert.commands", "transplant": "pivot_mega.convert.commands",
         "data": "pivot_mega.data.commands", "train": "pivot_mega.training.commands",
-        "bench": "pivot_mega.training.commands", "eval": "pivot_mega.eval.commands", "demo": "pivot_mega.demo"}
+        "bench": "pivot_mega.training.commands", "plan": "pivot_mega.training.commands", "eval": "pivot_mega.eval.commands", "demo": "pivot_mega.demo"}
     # The order `pivot-mega --help` lists them in.
-    assert "{convert,data,train,bench,eval,transplant,demo}" in parser.format_usage()
+    assert "{convert,data,train,bench,plan,eval,transplant,demo}" in parser.format_usage()
 
 
 def test_expandable_segments_by_default_and_a_users_setting_kept():

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import FEATURE_KINDS, PROBES  # the names the run config's eval.probe accepts too
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-FEATURE_KINDS = ("vit", "projector")
-PROBES = ("prototype", "logistic")
 # The paper script's grid (eval_vit/eval_imagenet.py): half-decades from 0.01 to 3.16.
 DEFAULT_CS = (0.01, 0.03, 0.1, 0.316, 1.0, 3.16)
 RESULT_COLUMNS = ("features", "probe", "top1", "top5", "C", "prototypes", "num_classes", "num_train", "num_val",

@@ -63,6 +63,8 @@ def register(sub) -> dict:
     plan.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
     plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     plan.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB or 141GiB (default 80GB)")
+    plan.add_argument("--images-per-row", type=int, default=None, metavar="N",
+                      help="images a packed row shows (default: as many as fit in data.max_seq_len, the worst case)")
     plan.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                       help="override a config key, e.g. --set data.max_seq_len=8192")
     plan.add_argument("--json", metavar="FILE", help="also write every estimate here")
@@ -147,11 +149,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .plan import format_table, parse_memory, plan_layouts, recommend
 
-    if args.gpus < 1 or args.nodes < 1:
-        raise ConfigError(f"plan: --gpus and --nodes must be >= 1, got {args.gpus} and {args.nodes}")
+    if args.gpus < 1 or args.nodes < 1 or (args.images_per_row is not None and args.images_per_row < 0):
+        raise ConfigError(f"plan: --gpus and --nodes must be >= 1 and --images-per-row >= 0, got {args.gpus}, "
+                          f"{args.nodes} and {args.images_per_row}")
     capacity = parse_memory(args.gpu_memory)
     config = load_run_config(args.config, args.overrides)
-    estimates = plan_layouts(config, args.gpus, args.nodes)
+    estimates = plan_layouts(config, args.gpus, args.nodes, images_per_row=args.images_per_row)
     print(format_table(estimates, capacity))
     best = recommend(estimates, capacity)
     if best is None:

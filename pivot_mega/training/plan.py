@@ -217,7 +217,7 @@ def vision_layer_bytes(model: ModelConfig, w: Widths) -> float:
     return layer_norms + attention + mlp
 
 
-def images_per_row(model: ModelConfig, seqlen: int) -> int:
+def max_images_per_row(model: ModelConfig, seqlen: int) -> int:
     """The most images one packed row can show: each takes ``num_image_tokens`` positions."""
     return max(1, seqlen // model.num_image_tokens)
 
@@ -231,7 +231,7 @@ def activation_bytes(config: RunConfig, parallel: ParallelConfig, layout: Layout
     model, data = config.model, config.data
     rows, seqlen = data.micro_batch_rows, data.max_seq_len
     tokens = rows * seqlen
-    images = rows * images_per_row(model, seqlen) if images is None else images
+    images = rows * max_images_per_row(model, seqlen) if images is None else images
     trainable = config.trainable
     w = Widths(act=act_bytes, tp=layout.tp, sequence_parallel=parallel.sequence_parallel, backend=backend)
     ranges = stage_layer_ranges(parallel, model.language.num_hidden_layers)
@@ -335,8 +335,9 @@ def estimate(config: RunConfig, parallel: ParallelConfig, layout: Layout, rank: 
     activations = activation_bytes(config, parallel, layout, rank, act_bytes=act_bytes,
                                    backend=resolved_backend(config.model, device_type), images=images)
     working = _working_bytes(config, parallel, layout, rank, shapes, act_bytes)
-    return MemoryEstimate(parallel=parallel, layout=layout, activation_checkpointing=config.model.activation_checkpointing,
-                          rank=rank, params=params, grads=grads, optimizer=optimizer, reference=reference,
+    return MemoryEstimate(parallel=parallel, layout=layout,
+                          activation_checkpointing=config.model.activation_checkpointing, rank=rank,
+                          params=params, grads=grads, optimizer=optimizer, reference=reference,
                           activations=activations, working=working, flops=step_model_flops(config))
 
 
@@ -394,9 +395,10 @@ def candidate_layouts(config: RunConfig, gpus_per_node: int, nodes: int = 1) -> 
     return out
 
 
-def plan_layouts(config: RunConfig, gpus_per_node: int, nodes: int = 1, *, device_type: str = "cuda"
-                 ) -> list[MemoryEstimate]:
-    """The busiest rank's estimate of every valid layout, activation checkpointing off and on."""
+def plan_layouts(config: RunConfig, gpus_per_node: int, nodes: int = 1, *, device_type: str = "cuda",
+                 images_per_row: int | None = None) -> list[MemoryEstimate]:
+    """The busiest rank's estimate of every valid layout, activation checkpointing off and on.
+    ``images_per_row``: images a packed row shows (default: as many as fit, the worst case)."""
     if config.model is None:
         raise ConfigError("plan: the run config needs a model section (init_from alone gives no shapes here)")
     shapes = parameter_shapes(config.model)
@@ -408,7 +410,8 @@ def plan_layouts(config: RunConfig, gpus_per_node: int, nodes: int = 1, *, devic
     for checkpointing in (False, True):
         run = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                      activation_checkpointing=checkpointing))
-        estimates += [estimate(run, parallel, layout, device_type=device_type, shapes=shapes)
+        images = None if images_per_row is None else images_per_row * config.data.micro_batch_rows
+        estimates += [estimate(run, parallel, layout, device_type=device_type, images=images, shapes=shapes)
                       for parallel, layout in layouts]
     return estimates
 
@@ -438,6 +441,7 @@ def format_table(estimates: list[MemoryEstimate], capacity: int) -> str:
     for e in estimates:
         lines.append(f"{e.name:<28}{e.params / gb:>8.2f}{e.grads / gb:>8.2f}{e.optimizer / gb:>8.2f}"
                      f"{e.reference / gb:>7.2f}{e.activations / gb:>8.2f}{e.working / gb:>7.2f}"
-                     f"{e.total / gb:>8.2f}{(capacity - e.total) / gb:>10.2f}{'' if e.total <= capacity else '  no fit'}")
+                     f"{e.total / gb:>8.2f}{(capacity - e.total) / gb:>10.2f}"
+                     f"{'' if e.total <= capacity else '  no fit'}")
     lines.append(f"model FLOPs per step: {estimates[0].flops / 1e12:,.1f} TFLOP (every layout)")
     return "\n".join(lines)

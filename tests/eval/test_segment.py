@@ -85,6 +85,10 @@ def test_coloured_regions_are_learnt_and_shuffled_masks_are_not(splits, model, t
     # Repeatable: the same numbers again.
     again = segment_probe(model, *splits, NUM_CLASSES, features="vit", backend="python", progress=False)
     assert again["vit"] == rows["vit"]
+    # At most 5 patches drawn from each training image still suffice here.
+    few = segment_probe(model, *splits, NUM_CLASSES, features="projector", patches_per_image=5, seed=3,
+                        backend="python", progress=False)["projector"]
+    assert few["train_patches"] == 12 * 5 and few["macro_recall"] >= 90.0, few
 
     # Control: each training mask moved to another image (a cyclic shift: none stays on its own) → chance.
     # The head still maps each colour to one label, so macro recall is the share of colours it maps

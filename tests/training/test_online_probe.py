@@ -119,3 +119,33 @@ def test_probes_on_a_parallel_layout_equal_the_single_process_ones(run, layout):
     for a, b in zip(probe_values(one), probe_values(two)):
         assert a.keys() == b.keys()
         assert all(abs(a[k] - b[k]) <= one_image + 1e-6 for k in a), (layout, a, b)
+
+
+def test_a_probe_leaves_every_random_stream_where_it_was(tmp_path, monkeypatch):
+    """Whatever the probe code draws (here: a draw from each global stream, planted), the training's
+    torch, numpy and python random states are those from before the probe."""
+    import random
+
+    import torch
+
+    from pivot_mega.eval import probe as probe_module
+    from pivot_mega.eval.config import OnlineProbeConfig
+    from pivot_mega.models import VisionLanguageModel
+    from pivot_mega.training.online_probe import OnlineProbe
+    from tests.parallel.test_equivalence import tiny_config
+
+    folders = write_probe_folders(tmp_path, seed=1, per_class=3)
+    real = probe_module.run_probes
+
+    def drawing(*args, **kwargs):
+        torch.rand(3), np.random.rand(3), random.random()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(probe_module, "run_probes", drawing)
+    model = VisionLanguageModel(tiny_config()).init_weights(0)
+    probe = OnlineProbe(OnlineProbeConfig(every=1, **folders), model.config, total_steps=1, seed=0,
+                        device=torch.device("cpu"), is_main=True)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    results = probe.run(model, 0)
+    assert set(results) == PROBE_KEYS
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]

@@ -22,12 +22,11 @@ from pivot_mega.training.optim import OptimConfig, apply_trainable, build_optimi
 from tests.distributed import require_procs, run_workers
 from tests.parallel.test_equivalence import ROWS, SEQLEN, make_batch, split, tiny_config
 
-# The count leaves out small tensors autograd keeps (index tensors of the image scatter, the
-# embedding's ids under a different storage) and counts the head's input the loss keeps as whole
-# rows where the loss keeps only labelled positions: measured within 3 % on these models (the
-# tests print the ratio); 10 % leaves room for other shapes without hiding a missed block
-# (one decoder layer of the tiny model is ~20 % of the total).
-ACTIVATION_BOUND = 0.10
+# The count leaves out small tensors autograd keeps (the index tensors of the image scatter) and
+# counts the head's input as whole rows where the loss keeps labelled positions only: measured
+# within 3 % on these models (the tests print the ratio). 5 % still fails a missed block: one
+# decoder layer of the tiny model is ~23 % of the total, its SwiGLU's saved tensors ~9 %.
+ACTIVATION_BOUND = 0.05
 
 
 def run_config(stage: str, parallel: ParallelConfig | None = None, **model_kw):
@@ -197,10 +196,11 @@ def test_plan_command(tmp_path, capsys):
     from pivot_mega.cli import main
 
     path = tmp_path / "run.yaml"
-    path.write_text("stage: sft\nmodel: " + str(plan_preset("tiny")) + "\ndata: {mode: lm, max_seq_len: 256, shards: x, tokenizer: x}\n")
+    path.write_text(f"stage: sft\nmodel: {plan_preset('tiny')}\n"
+                    "data: {mode: lm, max_seq_len: 256, shards: x, tokenizer: x}\n")
     out = tmp_path / "plan.json"
     assert main(["plan", str(path), "--gpus", "4", "--gpu-memory", "1GB", "--set", "data.micro_batch_rows=2",
-                 "--json", str(out)]) == 0
+                 "--images-per-row", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "recommendation: tp" in printed and "TFLOP" in printed
     import json
