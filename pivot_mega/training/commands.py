@@ -23,7 +23,11 @@ def register(sub) -> dict:
         description="Times training steps of a stage on random data of the model's shapes, after warm-up steps. "
                     "With --compare-naive, also times a naive DPO step (full-logit log_softmax, each sequence "
                     "encodes its image, the reference model runs every step) on the same model and batch, and "
-                    "reports the ratio.")
+                    "reports the ratio. The two must first agree on the DPO loss and the policy's per-sequence "
+                    "log-probs, against a reference unlike the policy, or the command exits 1; each one's peak "
+                    "memory is measured on its own (CPU: in a process of its own). Shapes that cannot work and a "
+                    "training state that cannot fit in the memory available are refused before anything is "
+                    "built (exit 2).")
     bench.add_argument("--stage", choices=["pretrain_projector", "pretrain_full", "sft", "dpo"], default="dpo")
     bench.add_argument("--preset", default="tiny",
                        help=f"{' | '.join(MODEL_PRESETS)}, or a model config YAML (default tiny)")
@@ -119,7 +123,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from .bench import BenchOptions, run_benchmark
+    from ..config import ConfigError
+    from ..precision import PrecisionUnavailableError
+    from .bench import BenchCheckFailed, BenchError, BenchOptions, run_benchmark
 
     options = BenchOptions(stage=args.stage, preset=args.preset, steps=args.steps, warmup=args.warmup,
                            seq_len=args.seq_len, rows=args.rows, micro_batches=args.micro_batches,
@@ -130,6 +136,12 @@ def run_bench(args: argparse.Namespace) -> int:
                            overrides=list(args.overrides))
     try:
         results = run_benchmark(options)
+    except (BenchError, ConfigError, FileNotFoundError, PrecisionUnavailableError) as e:
+        print(f"pivot-mega bench: error: {e}", file=sys.stderr, flush=True)  # found before the work: no traceback
+        return 2
+    except BenchCheckFailed as e:
+        print(f"pivot-mega bench: check failed: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:  # as train does: NCCL's communicators are released, not left to the interpreter's exit
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -72,13 +72,13 @@ class OnlineProbe:
     def _probe(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
         from ..eval.probe import run_probes
 
-        encoder = EncoderView(self.model_config)
-        missing, unexpected = encoder.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"online probe: the gathered encoder does not fit its config (missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]})")
-        encoder = encoder.to(device=self.device, dtype=torch.float32).eval()
-        with _rng_untouched(self.device):
+        with _rng_untouched(self.device):  # building the towers draws their (overwritten) initial weights too
+            encoder = EncoderView(self.model_config)
+            missing, unexpected = encoder.load_state_dict(tensors, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"online probe: the gathered encoder does not fit its config (missing "
+                                   f"{missing[:5]}, unexpected {unexpected[:5]})")
+            encoder = encoder.to(device=self.device, dtype=torch.float32).eval()
             rows = run_probes(encoder, self.train, self.val, kinds=self.config.features, probes=self.config.probes,
                               batch_size=self.config.batch_size, backend="python", seed=self.seed, progress=False)
         out = {}

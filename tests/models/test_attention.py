@@ -169,3 +169,39 @@ def test_init_is_reproducible_and_seeded_per_name(seed):
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
         assert not torch.equal(pa, pc), name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", ["segments", "shared_prefix"])
+def test_cpu_per_segment_sdpa_equals_the_dense_mask(monkeypatch, causal, layout, seed):
+    """The per-segment SDPA backend (``sdpa_segments``) against the dense [S, S] mask: outputs and the
+    gradients of q, k and v, on random packed rows with padding (and shared prefixes)."""
+    import pivot_mega.models.layers as layers
+
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "segments":
+        packed = PackedSeqs.from_lengths([[70, 90, 32, 8], [130, 70]])
+    else:  # prefix | chosen | rejected | padding, two rows
+        packed = PackedSeqs.from_lengths([[80, 40, 50, 30], [100, 60, 40]], prefix=[-1, 0, 0, -1, -1, 4, 4])
+    shape = (2, 200)
+    q = torch.randn(*shape, 4, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(*shape, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(*shape, 4, 16, generator=gen)
+
+    def run(backend):
+        for t in (q, k, v):
+            t.grad = None
+        out = attention(q, k, v, causal=causal, packed=packed, backend=backend)
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+    calls = []
+    per_segment = layers._BACKENDS["sdpa_segments"]
+    monkeypatch.setitem(layers._BACKENDS, "sdpa_segments", lambda *a: calls.append(1) or per_segment(*a))
+    dense = run("sdpa")
+    assert not calls
+    segments = run("sdpa_segments")
+    assert calls
+    for got, want in zip(segments, dense):
+        assert rel_err(got, want) <= 1e-5
+    assert rel_err(segments[0], reference_attention(q, k, v, causal=causal, packed=packed)) <= TOL
