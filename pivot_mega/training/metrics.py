@@ -171,16 +171,7 @@ class MetricsLogger:
             self.interval.reset()
             record.update({f"perf/{k}": v for k, v in perf.items()})
             self._print(step, metrics, perf)
-        if self._file is None:
-            drop_torn_tail(self.path)
-            self._file = self.path.open("a")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for key, value in scalars(record).items():
-                self._writer.add_scalar(key, value, step)
-        if self._wandb_run is not None:
-            self._wandb_run.log(scalars(record), step=step)
+        self._write(step, record)
         if self._bar is not None:
             postfix = {"loss": f"{metrics['loss']:.4f}"}
             if "rewards/accuracies" in metrics:
@@ -189,22 +180,28 @@ class MetricsLogger:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
 
-    def log_probe(self, step: int, results: dict) -> None:
-        """An online probe's results: a record of its own in ``metrics.jsonl`` (``step``, ``probe/...``;
-        no ``loss``), TensorBoard scalars at ``step`` and one printed line."""
-        if not self.enabled or not results:
-            return
-        record = {"step": step, "time": round(time.perf_counter() - self.start, 3), **results}
+    def _write(self, step: int, record: dict, plotted: dict | None = None) -> None:
+        """One record: a line of ``metrics.jsonl``; the numbers of ``plotted`` (default: the record) to
+        TensorBoard and W&B at ``step``."""
         if self._file is None:
             drop_torn_tail(self.path)
             self._file = self.path.open("a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        numbers = scalars(record if plotted is None else plotted)
         if self._writer is not None:
-            for key, value in results.items():
+            for key, value in numbers.items():
                 self._writer.add_scalar(key, value, step)
         if self._wandb_run is not None:
-            self._wandb_run.log(scalars(results), step=step)
+            self._wandb_run.log(numbers, step=step)
+
+    def log_probe(self, step: int, results: dict) -> None:
+        """An online probe's results: a record of its own in ``metrics.jsonl`` (``step``, ``probe/...``;
+        no ``loss``), TensorBoard scalars at ``step`` and one printed line."""
+        if not self.enabled or not results:
+            return
+        # Plotted without its time: W&B joins it to its step's row, whose time is the step's.
+        self._write(step, {"step": step, "time": round(time.perf_counter() - self.start, 3), **results}, results)
         shown = " | ".join(f"{key.removeprefix('probe/').removesuffix('/top1')} {value:.1f}%"
                            for key, value in results.items() if key.endswith("/top1"))
         line = f"probe at step {step} | {shown} | {results.get('probe/time_s', 0):.1f} s"

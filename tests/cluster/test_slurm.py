@@ -26,25 +26,10 @@ CPU_OPTIONS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-
 TWO_NODE_OPTIONS = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def _started_cluster(root, **options):
+    """A LocalSlurm, started; a skip with the reason where Slurm (or two nodes' networks) cannot be had."""
     try:
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=2)
-    except SlurmUnavailable as e:
-        if os.geteuid() != 0 and "cannot be installed" in str(e):
-            pytest.skip(f"no Slurm here and no way to install it: {e}")
-        raise
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def slurm2(tmp_path_factory):
-    """Two Slurm nodes, node1 and node2, each in a network namespace of its own with its own address."""
-    try:
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm2"), cpus=1, nodes=2)
+        cluster = LocalSlurm(root, **options)
     except NodeNetworkUnavailable as e:
         pytest.skip(f"no network namespaces for two Slurm nodes here: {e}")
     except SlurmUnavailable as e:
@@ -55,6 +40,17 @@ def slurm2(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    yield from _started_cluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+
+
+@pytest.fixture(scope="module")
+def slurm2(tmp_path_factory):
+    """Two Slurm nodes, node1 and node2, each in a network namespace of its own with its own address."""
+    yield from _started_cluster(tmp_path_factory.mktemp("slurm2"), cpus=1, nodes=2)
 
 
 def test_local_cluster_runs_a_two_task_step(slurm, tmp_path):
