@@ -26,7 +26,7 @@ from ..models.projector import Projector
 from ..models.siglip import SiglipVisionTower
 from .checkpoint.portable import gather_full_tensors
 
-TOWERS = ("vision.", "projector.")
+ENCODER_PREFIXES = ("vision.", "projector.")  # the tensors a probe needs
 
 
 class EncoderView(nn.Module):
@@ -60,7 +60,7 @@ class OnlineProbe:
     def run(self, pmodel, step: int) -> dict[str, float]:
         """→ on rank 0 ``{probe/<features>/<probe>/top1: %, .../top5, probe/time_s}``, {} elsewhere."""
         started = time.perf_counter()
-        tensors = gather_full_tensors(pmodel, keep=lambda name: name.startswith(TOWERS))
+        tensors = gather_full_tensors(pmodel, keep=lambda name: name.startswith(ENCODER_PREFIXES))
         results: dict[str, float] = {}
         if self.is_main:
             results = self._probe(tensors)

@@ -16,10 +16,14 @@ from pivot_mega.training.metrics import MetricsLogger, probe_records, read_metri
 RUN_CONFIG = {"stage": "sft", "train": {"out_dir": "runs/x", "global_batch_size": 8}, "optim": {"lr": 1e-5}}
 
 
+# wandb is the optional extra pivot-mega[wandb]; the test extra that `make setup` installs holds it.
+NO_WANDB = "wandb is not installed (pip install 'pivot-mega[wandb]')"
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """wandb imported, every W&B path under tmp_path, offline and quiet whatever the config says."""
-    pytest.importorskip("wandb")
+    pytest.importorskip("wandb", reason=NO_WANDB)
     for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
@@ -146,7 +150,7 @@ def test_disabled_or_not_rank0_logs_nothing(tmp_path, monkeypatch, wandb):
     def refuse(*args, **kwargs):
         raise AssertionError("wandb.init called")
 
-    wandb_module = pytest.importorskip("wandb")
+    wandb_module = pytest.importorskip("wandb", reason=NO_WANDB)
     monkeypatch.setattr(wandb_module, "init", refuse)
     enabled = wandb is None or wandb.mode == "disabled"  # rank 0 unless W&B is on: then another rank
     logger = _logger(tmp_path / "out", wandb, enabled=enabled)
