@@ -78,17 +78,43 @@ def available_backends(device: torch.device | str) -> list[str]:
 SEGMENTS_ONLY = ("te",)
 
 
+# The CPU cost of a packed batch's attention (forward + backward), in units of one (query, key) pair of
+# the dense-mask SDPA (``sdpa``), which costs rows * S^2 of them. Per segment (``sdpa_segments``) each
+# SDPA call costs a fixed SEGMENT_CALL_PAIRS (about 0.3 ms), each token SEGMENT_TOKEN_PAIRS (its slices
+# and the concatenation) and each of the segment's own pairs SEGMENT_PAIR_COST (causal SDPA skips the
+# upper half). Fitted by least squares to ``tools/bench_attention.py`` (4 heads of 32, 2 threads, 12
+# layouts from 2 to 64 segments a row of 256 to 4096 tokens; the rule picked the faster path in all 12).
+# The estimate depends on the layout only, so every rank, thread count and tensor-parallel split of a
+# batch picks the same backend.
+SEGMENT_CALL_PAIRS = 17_000
+SEGMENT_TOKEN_PAIRS = 240
+SEGMENT_PAIR_COST = 0.5
+
+
+def per_segment_pays(packed: PackedSeqs, rows: int, seqlen: int) -> bool:
+    """Whether ``sdpa_segments`` is estimated faster than the dense mask on a CPU for this layout."""
+    bounds = packed.cu_seqlens.tolist()
+    bounds_k = packed.cu_seqlens_k.tolist() if packed.key_index is not None else bounds
+    own = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in zip(bounds, bounds[1:], bounds_k, bounds_k[1:]))
+    per_segment = ((len(bounds) - 1) * SEGMENT_CALL_PAIRS + rows * seqlen * SEGMENT_TOKEN_PAIRS
+                   + SEGMENT_PAIR_COST * own)
+    return per_segment < rows * seqlen * seqlen
+
+
 def resolve_backend(requested: str, device: torch.device | str, packed: bool, dtype: torch.dtype,
-                    prefixes: bool = False) -> str:
+                    prefixes: bool = False, segments_pay: bool = False) -> str:
     """Maps ``requested`` (``auto`` or a name) to a backend that can run, or raises with the reason.
 
-    ``packed``: the batch has a packed layout; ``prefixes``: some segment attends to a shared prefix.
+    ``packed``: the batch has a packed layout; ``prefixes``: some segment attends to a shared prefix;
+    ``segments_pay``: ``per_segment_pays`` holds for it (``auto`` then takes ``sdpa_segments`` on a CPU).
     """
     device = torch.device(device)
     available = available_backends(device)
     if requested == "auto":
         if not packed:
             return "sdpa"  # dense causal/full attention: SDPA already dispatches to flash/cuDNN kernels
+        if device.type == "cpu":
+            return "sdpa_segments" if segments_pay else "sdpa"
         for name in available:
             if name in ("flash_attn", "te") and dtype not in (torch.float16, torch.bfloat16):
                 continue
@@ -118,7 +144,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               packed: PackedSeqs | None = None, backend: str = "auto") -> torch.Tensor:
     """Multi-head attention with GQA; q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` → ``[B, S, Hq, D]``."""
     prefixes = packed is not None and packed.has_prefixes
-    name = resolve_backend(backend, q.device, packed is not None, q.dtype, prefixes)
+    segments_pay = (backend == "auto" and packed is not None and q.device.type == "cpu"
+                    and per_segment_pays(packed, q.shape[0], q.shape[1]))
+    name = resolve_backend(backend, q.device, packed is not None, q.dtype, prefixes, segments_pay)
     if name == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
         raise AttentionBackendError("attention backend 'flex' has no backward on the CPU in this torch "
                                     f"({torch.__version__}); train with sdpa (or auto) here, flex on CUDA")
@@ -144,9 +172,10 @@ def _sdpa_per_segment(q, k, v, causal, packed):
     """``sdpa_segments``: the dense-mask rule (``PackedSeqs.attends``) one segment at a time, each
     segment's queries against its keys (its prefix's tokens then its own: ``key_index`` /
     ``cu_seqlens_k``), causal aligned to the end of the keys, as the varlen kernels take them. On CPU a
-    dense [S, S] mask costs every row S^2 whatever its segments: per segment was 3-7x faster for 4-32
-    segments a row of 2048-4096 tokens (``tools/bench_attention.py``), each call costing a fixed ~2 ms.
-    The same numbers as ``sdpa`` within fp32 rounding; not picked by ``auto``. q ``[B, S, Hq, D]``."""
+    dense [S, S] mask costs every row S^2 whatever its segments: per segment was 3.3-5.9x faster for
+    4-64 segments a row of 2048-4096 tokens, but each call has a fixed cost, and for rows of 256 tokens
+    the dense mask was 1.2-4.7x faster (``tools/bench_attention.py``, 2 threads). The same numbers as ``sdpa`` within fp32
+    rounding; ``auto`` picks it on a CPU where ``per_segment_pays``. q ``[B, S, Hq, D]``."""
     if packed is None:
         return _sdpa(q, k, v, causal, packed)
     batch, seqlen, heads, dim = q.shape
@@ -159,12 +188,13 @@ def _sdpa_per_segment(q, k, v, causal, packed):
         bounds_k = bounds
     outs = []
     for q0, q1, k0, k1 in zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:]):
-        qs, ks, vs = (t[a:b].transpose(0, 1) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        # [1, H, L, D]: with 3-D inputs this torch's CPU SDPA took a kernel half as fast
+        qs, ks, vs = (t[None, a:b].transpose(1, 2) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
         mask = None
         if causal and k1 - k0 != q1 - q0:  # a branch: every prefix key, then its own causally
             mask = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device).tril(k1 - k0 - (q1 - q0))
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None)
-        outs.append(out.transpose(0, 1))
+        outs.append(out[0].transpose(0, 1))
     return torch.cat(outs).reshape(batch, seqlen, heads, dim)
 
 

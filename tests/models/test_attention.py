@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pivot_mega.models import AttentionBackendError, PackedSeqs, available_backends
-from pivot_mega.models.layers import attention, reference_attention, resolve_backend
+from pivot_mega.models import layers
+from pivot_mega.models.layers import attention, per_segment_pays, reference_attention, resolve_backend
 from tests.hf_models import mllm_inputs, rel_err, tiny_model
 
 TOL = 1e-5
@@ -119,6 +120,8 @@ def test_shared_prefix_attention_equals_each_branch_after_its_prefix(backend, se
 
 def test_gpu_only_backends_fail_clearly_on_cpu():
     assert resolve_backend("auto", "cpu", packed=True, dtype=torch.float32) == "sdpa"
+    assert resolve_backend("auto", "cpu", packed=True, dtype=torch.float32, segments_pay=True) == "sdpa_segments"
+    assert resolve_backend("auto", "cpu", packed=False, dtype=torch.float32, segments_pay=True) == "sdpa"
     for name in ("varlen", "flash_attn", "te"):
         with pytest.raises(AttentionBackendError, match=f"{name}.*not available on cpu"):
             resolve_backend(name, "cpu", packed=True, dtype=torch.float32)
@@ -205,3 +208,32 @@ def test_cpu_per_segment_sdpa_equals_the_dense_mask(monkeypatch, causal, layout,
     for got, want in zip(segments, dense):
         assert rel_err(got, want) <= 1e-5
     assert rel_err(segments[0], reference_attention(q, k, v, causal=causal, packed=packed)) <= TOL
+
+
+def test_auto_takes_per_segment_attention_where_it_pays_on_cpu(seed, monkeypatch):
+    """Short rows (the demo's 256 tokens of 30-60 token samples) keep the dense mask; long rows of few
+    segments run per segment, with the same numbers."""
+    short = PackedSeqs.from_lengths([[36] * 7 + [4]] * 4)
+    long = PackedSeqs.from_lengths([[256] * 8])
+    # 2048-token row, prefix | chosen | rejected: the branches' keys include the prefix's
+    tree = PackedSeqs.from_lengths([[1024, 512, 512]], prefix=[-1, 0, 0])
+    assert not per_segment_pays(short, 4, 256)
+    assert per_segment_pays(long, 1, 2048) and per_segment_pays(tree, 1, 2048)
+    # one segment a row costs the same pairs either way; per segment adds its fixed costs
+    assert not per_segment_pays(PackedSeqs.from_lengths([[64]] * 4), 4, 64)
+    # two segments of 256: the per-segment estimate (2 x 17,000 + 512 x 240 + 0.5 x 2 x 256^2) against 512^2
+    assert per_segment_pays(PackedSeqs.from_lengths([[256, 256]]), 1, 512) == (
+        2 * 17_000 + 512 * 240 + 0.5 * 2 * 256 ** 2 < 512 ** 2)
+    ran = []
+    for name in ("sdpa", "sdpa_segments"):
+        kernel = layers._BACKENDS[name]
+        monkeypatch.setitem(layers._BACKENDS, name, lambda *args, _k=kernel, _n=name: ran.append(_n) or _k(*args))
+    gen = torch.Generator().manual_seed(seed)
+    for layout, expected in ((short, "sdpa"), (long, "sdpa_segments"), (tree, "sdpa_segments")):
+        rows, seqlen = layout.position_ids.shape
+        q = torch.randn(rows, seqlen, 4, 16, generator=gen)
+        k, v = (torch.randn(rows, seqlen, 2, 16, generator=gen) for _ in range(2))
+        ran.clear()
+        got = attention(q, k, v, causal=True, packed=layout, backend="auto")
+        assert ran == [expected]
+        assert rel_err(got, reference_attention(q, k, v, causal=True, packed=layout)) <= TOL
