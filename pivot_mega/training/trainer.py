@@ -49,7 +49,7 @@ from .optim import apply_trainable, build_optimizer, build_scheduler, clip_grad_
 from .reference import build_reference
 from .run_lock import RunLock
 from ..signals import RunStopped, StopSignals
-from .steps import DATA_METRICS, StepRunner
+from .steps import DATA_METRICS, StepResult, StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,6 @@ class Trainer:
                 step += 1
                 with profiler.range("forward_backward"):
                     result = runner.run(batches)
-                with profiler.range("clip_grad_norm"):  # all-reduces of the squared norms
-                    norm = clip_grad_norm_(pmodel.parameters(), c.optim.max_grad_norm,
-                                           pp_group=dims.pp_group if pp > 1 else None, tied_copies=tied)
                 # One all-reduce: the metric sums and the stop flag of every rank.
                 names = runner.metric_names
                 flag = torch.tensor(float(signals.received is not None), dtype=torch.float64, device=device)
@@ -270,7 +267,11 @@ class Trainer:
                           for n, v in zip(names, vector[:-2].tolist())}
                 stop_requested = vector[-1].item() > 0
                 skipped = self._skipped(loader, round(vector[-2].item() / (tp * pp)))
-                loss = values["loss_sum"] / max(result.global_count, 1)
+                count = self._trained_count(result, values, pmodel)
+                loss = values["loss_sum"] / max(count, 1)
+                with profiler.range("clip_grad_norm"):  # all-reduces of the squared norms
+                    norm = clip_grad_norm_(pmodel.parameters(), c.optim.max_grad_norm,
+                                           pp_group=dims.pp_group if pp > 1 else None, tied_copies=tied)
                 finite = math.isfinite(loss) and bool(torch.isfinite(norm))
                 lr = scheduler.get_last_lr()[0]  # this step's
                 with profiler.range("optimizer"):
@@ -284,7 +285,7 @@ class Trainer:
                         trainer_state["bad_steps_in_a_row"] += 1
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                trainer_state["samples"] += result.global_samples
+                trainer_state["samples"] += round(values["samples"])  # trained: a broken image's sample left out
                 trainer_state["tokens"] += int(values["tokens"])
                 logger.add_step(int(values["tokens"]), values["flops"], data_wait)
                 metrics = self._step_metrics(values, loss, result, norm, lr, trainer_state, finite,
@@ -345,6 +346,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # pieces of the loop
 
+    def _trained_count(self, result: StepResult, values: dict, pmodel: ParallelModel) -> int:
+        """The pairs (DPO) or label tokens the step trained on, over all ranks, from its all-reduced data
+        metrics; the gradients rescaled to it where it is fewer than planned.
+
+        The losses are normalised by the step's planned count, which every rank knows without a
+        collective. A sample whose image does not decode leaves only its own rank's micro-batch, so
+        then the step trained on fewer: the gradients (linear in the normaliser) are multiplied by
+        planned / trained, and the loss divided by the trained count, as if the sample had never been
+        planned."""
+        trained = round(values["samples"] if self.config.stage == "dpo" else values["label_tokens_data"])
+        planned = result.global_count
+        if trained > planned:
+            raise TrainingError(f"internal: the step trained on {trained} {self._count_unit()}, more than the "
+                                f"{planned} its plan holds")
+        if 0 < trained < planned:
+            grads = [p.grad for p in pmodel.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, planned / trained)
+            log.debug("train: step normalised over %d %s, not the %d planned (samples left out for broken "
+                      "images)", trained, self._count_unit(), planned)
+        return trained
+
+    def _count_unit(self) -> str:
+        return "pairs" if self.config.stage == "dpo" else "label tokens"
+
     def _take_step(self, batches_iter, loader: PackedDataLoader, dims) -> tuple[list[MicroBatch], dict, bool]:
         """Micro-batches of one step, the loader state after the last of them, whether the data ran out.
 
@@ -387,7 +413,7 @@ class Trainer:
     def _step_metrics(self, values: dict, loss: float, result, norm, lr: float, state: dict, finite: bool,
                       micro_batches: int, epoch: int) -> dict:
         out = {"loss": loss, "grad_norm": float(norm), "lr": lr, "epoch": epoch,
-               "samples": result.global_samples, "micro_batches": micro_batches,
+               "samples": round(values["samples"]), "micro_batches": micro_batches,
                "tokens": int(values["tokens"]), "padding_fraction":
                    values["padding_tokens"] / max(values["tokens"] + values["padding_tokens"], 1),
                "skipped": not finite, "bad_steps": state["bad_steps"]}
