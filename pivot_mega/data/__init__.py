@@ -3,7 +3,7 @@
     build_shards(kind, input, out, image_root, BuildOptions(...))     # pivot-mega data build-shards
     loader = PackedDataLoader(load_data_config(...), image_size=384, num_image_tokens=576,
                               image_token_id=151655, rank=rank, world_size=world_size)
-    for batch in loader: ...                                          # PackedBatch per micro-batch
+    for batch in loader: ...                                          # a batch.MicroBatch each
     state = loader.state_dict(); loader.load_state_dict(state)       # exact resume
 
 Submodules import lazily, so building shards does not import torch.
@@ -16,9 +16,10 @@ import importlib
 _EXPORTS = {
     "DataConfig": "config", "load_data_config": "config",
     "DataError": "sources", "Skip": "sources",
-    "BuildOptions": "shards", "ShardSet": "shards", "build_shards": "shards", "summarize": "shards",
+    "BuildOptions": "shard_builder", "build_shards": "shard_builder", "summarize": "shard_builder",
+    "ShardSet": "shards",
     "TextEncoder": "templates", "IGNORE_INDEX": "templates",
-    "PackedBatch": "packing", "pack_rows": "packing", "plan_window": "packing",
+    "pack_rows": "packing", "plan_window": "packing",
     "PackedDataLoader": "loader", "DataCounters": "loader",
     "make_image_decoder": "images",
 }

@@ -41,7 +41,7 @@ def register(sub) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .shards import BuildOptions, build_shards, summarize
+    from .shard_builder import BuildOptions, build_shards, summarize
     from .sources import DataError
 
     size_mb = args.shard_size_mb if args.shard_size_mb is not None or args.samples_per_shard else 512.0

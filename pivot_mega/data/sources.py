@@ -1,7 +1,7 @@
 """Input datasets → validated samples: LLaVA JSON, PIVOT DPO JSON, MMPR (meta.json + JSONL), mixtures.
 
 Every row either becomes a ``Sample`` or a ``Skip`` that names its file, line, sample id and reason;
-nothing is dropped without a record. Images are only located here; ``shards.py`` reads and verifies
+nothing is dropped without a record. Images are only located here; ``shard_builder.py`` reads and verifies
 them.
 
 Formats (see DESIGN.md, "Data contracts"):

@@ -307,12 +307,12 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
     probe_rows, answers = summary["probe"], summary["heldout_answers"]
     pairs = {row["id"]: row for row in json.loads((out_dir / "data" / "heldout_pairs.json").read_text())}
 
-    files = {"loss": plot_losses(metrics, plots / "loss.png"),
-             "dpo": plot_dpo(metrics["dpo"], plots / "dpo.png"),
-             "probe": plot_probes(probe_rows, answers, plots / "probe.png"),
-             "probe_steps": plot_probe_steps(probes, plots / "probe_steps.png"),
-             "saliency": plot_saliency(out_dir / "eval" / "saliency", summary["saliency"], pairs,
-                                       out_dir / "images" / "probe" / "val", plots / "saliency.png")}
+    plot_losses(metrics, plots / "loss.png")
+    plot_dpo(metrics["dpo"], plots / "dpo.png")
+    plot_probes(probe_rows, answers, plots / "probe.png")
+    plot_probe_steps(probes, plots / "probe_steps.png")
+    plot_saliency(out_dir / "eval" / "saliency", summary["saliency"], pairs, out_dir / "images" / "probe" / "val",
+                  plots / "saliency.png")
 
     counts, plan, timings = summary["counts"], summary["plan"], summary["timings"]
     model, params = summary["model"], summary.get("parameters", {})
@@ -345,8 +345,8 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         f"{counts['probe_train']} + {counts['probe_val']} other digits are never trained on: the probes' train "
         "and validation sets, and the held-out questions. Datasets are LLaVA and DPO JSON under `data/`, "
         "built into shards under `shards/` by the shard builder.",
-        f"- **Tokenizer.** A byte-level BPE with Qwen's special tokens trained on the demo's own texts "
-        f"(`tokenizer/`).",
+        "- **Tokenizer.** A byte-level BPE with Qwen's special tokens trained on the demo's own texts "
+        "(`tokenizer/`).",
         f"- **Model.** SigLIP {vision['hidden_size']}d x {vision['num_hidden_layers'] + 1 + vision['select_layer']} "
         f"layers (the penultimate of {vision['num_hidden_layers']} feeds the projector), {vision['image_size']} px "
         f"in {vision['patch_size']} px patches = {(vision['image_size'] // vision['patch_size']) ** 2} image tokens "

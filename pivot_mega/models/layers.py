@@ -172,9 +172,9 @@ def _sdpa_per_segment(q, k, v, causal, packed):
     """``sdpa_segments``: the dense-mask rule (``PackedSeqs.attends``) one segment at a time, each
     segment's queries against its keys (its prefix's tokens then its own: ``key_index`` /
     ``cu_seqlens_k``), causal aligned to the end of the keys, as the varlen kernels take them. On CPU a
-    dense [S, S] mask costs every row S^2 whatever its segments: per segment was 3.3-5.9x faster for
-    4-64 segments a row of 2048-4096 tokens, but each call has a fixed cost, and for rows of 256 tokens
-    the dense mask was 1.2-4.7x faster (``tools/bench_attention.py``, 2 threads). The same numbers as ``sdpa`` within fp32
+    dense [S, S] mask costs every row S^2 whatever its segments: per segment was 2.9-7.0x faster for
+    4-64 segments a row of 2048-4096 tokens, but each call has a fixed cost, and for rows of 256-512
+    tokens the dense mask was 1.2-4.2x faster (``tools/bench_attention.py``, 2 threads). The same numbers as ``sdpa`` within fp32
     rounding; ``auto`` picks it on a CPU where ``per_segment_pays``. q ``[B, S, Hq, D]``."""
     if packed is None:
         return _sdpa(q, k, v, causal, packed)

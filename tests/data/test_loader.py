@@ -13,7 +13,8 @@ from pivot_mega.config import ConfigError, load_model_config
 from pivot_mega.data.config import DataConfig, load_data_config
 from pivot_mega.data.images import dali_unavailable_reason
 from pivot_mega.data.loader import PackedDataLoader
-from pivot_mega.data.shards import BuildOptions, ShardSet, build_shards
+from pivot_mega.data.shard_builder import BuildOptions, build_shards
+from pivot_mega.data.shards import ShardSet
 from pivot_mega.data.sources import DataError
 from pivot_mega.data.templates import IGNORE_INDEX, TextEncoder
 from pivot_mega.presets import model_preset_path

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pivot_mega.cli import main
-from pivot_mega.data.shards import BuildOptions, build_shards
+from pivot_mega.data.shard_builder import BuildOptions, build_shards
 from pivot_mega.eval.saliency import (PANEL_GAP, SaliencyError, build_loader, image_saliency, jet,
                                       normalise_map, overlay, replace_border, run_saliency)
 from pivot_mega.training.losses import DPOConfig

@@ -1,7 +1,5 @@
 """Every parallel layout trains like one process: 3 AdamW steps, same losses (<= 1e-5 rel), same grads."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +8,7 @@ from pivot_mega.config import LanguageConfig, ModelConfig, VisionConfig
 from pivot_mega.models import VisionLanguageModel
 from pivot_mega.batch import MicroBatch, PackedSeqs, Targets
 from pivot_mega.parallel import ParallelConfig, build_mesh, lm_loss, parallelize
-from tests.distributed import require_procs, run_workers
+from tests.distributed import run_workers
 
 STEPS, ROWS, SEQLEN = 3, 4, 24
 TOL = 1e-5

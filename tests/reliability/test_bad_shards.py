@@ -15,7 +15,8 @@ import pytest
 from pivot_mega.config import ConfigError
 from pivot_mega.data.config import load_data_config
 from pivot_mega.data.loader import PackedDataLoader
-from pivot_mega.data.shards import MANIFEST, BuildOptions, ShardSet, build_shards
+from pivot_mega.data.shard_builder import BuildOptions, build_shards
+from pivot_mega.data.shards import MANIFEST, ShardSet
 from pivot_mega.data.sources import DataError
 from tests.data.helpers import dpo_rows, llava_rows, write_images, write_json
 

@@ -71,7 +71,7 @@ def _without_sample(directory, kind: str, index: int):
     """The run's shards rebuilt without sample ``index`` (the same images, the other samples)."""
     import json
 
-    from pivot_mega.data.shards import BuildOptions, build_shards
+    from pivot_mega.data.shard_builder import BuildOptions, build_shards
 
     rows = json.loads((directory / f"{kind}.json").read_text())
     del rows[index]

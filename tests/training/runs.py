@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from pivot_mega.config import load_yaml
-from pivot_mega.data.shards import BuildOptions, build_shards
+from pivot_mega.data.shard_builder import BuildOptions, build_shards
 from pivot_mega.presets import model_preset_path
 from tests.data.helpers import dpo_rows, image_token_id, llava_rows, make_tokenizer, write_images, write_json
 

@@ -186,7 +186,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert rows[1]["bad_steps"] == 1 and rows[2]["bad_steps"] == 2
     # The skipped step changed no weight: its checkpoint holds step 1's model.
     from pivot_mega.training.checkpoint import export_model, load_checkpoint  # noqa: F401
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     for step in (1, 2):
         dcp_to_torch_save(out / "checkpoints" / f"step_{step:06d}", tmp_path / f"s{step}.pt")
