@@ -240,9 +240,9 @@ def _difference(a: float, b: float, n: int) -> tuple[float, float]:
 def _compare(name_a: str, a: float, name_b: str, b: float, n: int) -> str:
     diff, noise = _difference(a, b, n)
     if abs(diff) <= noise:
-        verdict = f"within the sampling noise of {n} held-out images (±{noise:.1f} points): no measurable difference"
+        verdict = f"within the sampling noise of {n} held-out digits (±{noise:.1f} points): no measurable difference"
     else:
-        verdict = (f"{'higher' if diff > 0 else 'lower'} by more than the sampling noise of {n} held-out images "
+        verdict = (f"{'higher' if diff > 0 else 'lower'} by more than the sampling noise of {n} held-out digits "
                    f"(±{noise:.1f} points)")
     return f"{name_a} {a:.1f}% vs {name_b} {b:.1f}%: {diff:+.1f} points, {verdict}"
 
@@ -386,7 +386,8 @@ def write_report(out_dir: str | Path, summary: dict) -> Path:
         "The probes detach each checkpoint's ViT and classify held-out digits from its features (mean-pooled "
         "image tokens of the selected layer, L2-normalised), alone or through the projector: "
         "class-mean prototypes, and logistic regression with C chosen on part of the probe's training set. "
-        f"{counts['probe_train']} training and {n_val} validation images. Stage 1a trains only the projector, so "
+        f"{counts['probe_train']} training and {n_val} validation digits, each drawn "
+        f"{counts.get('probe_copies', 1)} time(s) (colour, tint, place, size). Stage 1a trains only the projector, so "
         "its ViT is the random initialisation: the floor.",
         "",
         "![probes and held-out answers](plots/probe.png)",
