@@ -91,10 +91,16 @@ SEGMENT_TOKEN_PAIRS = 240
 SEGMENT_PAIR_COST = 0.5
 
 
+def _segment_bounds(packed: PackedSeqs) -> tuple[list[int], list[int]]:
+    """Each segment's query bounds and key bounds (its prefix's tokens then its own, gathered by
+    ``key_index``; the query bounds where no segment has a prefix)."""
+    bounds = packed.cu_seqlens.tolist()
+    return bounds, (packed.cu_seqlens_k.tolist() if packed.key_index is not None else bounds)
+
+
 def per_segment_pays(packed: PackedSeqs, rows: int, seqlen: int) -> bool:
     """Whether ``sdpa_segments`` is estimated faster than the dense mask on a CPU for this layout."""
-    bounds = packed.cu_seqlens.tolist()
-    bounds_k = packed.cu_seqlens_k.tolist() if packed.key_index is not None else bounds
+    bounds, bounds_k = _segment_bounds(packed)
     own = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in zip(bounds, bounds[1:], bounds_k, bounds_k[1:]))
     per_segment = ((len(bounds) - 1) * SEGMENT_CALL_PAIRS + rows * seqlen * SEGMENT_TOKEN_PAIRS
                    + SEGMENT_PAIR_COST * own)
@@ -174,18 +180,17 @@ def _sdpa_per_segment(q, k, v, causal, packed):
     ``cu_seqlens_k``), causal aligned to the end of the keys, as the varlen kernels take them. On CPU a
     dense [S, S] mask costs every row S^2 whatever its segments: per segment was 2.9-7.0x faster for
     4-64 segments a row of 2048-4096 tokens, but each call has a fixed cost, and for rows of 256-512
-    tokens the dense mask was 1.2-4.2x faster (``tools/bench_attention.py``, 2 threads). The same numbers as ``sdpa`` within fp32
-    rounding; ``auto`` picks it on a CPU where ``per_segment_pays``. q ``[B, S, Hq, D]``."""
+    tokens the dense mask was 1.2-4.2x faster (``tools/bench_attention.py``, 2 threads). The same
+    numbers as ``sdpa`` within fp32 rounding; ``auto`` picks it on a CPU where ``per_segment_pays``.
+    q ``[B, S, Hq, D]``."""
     if packed is None:
         return _sdpa(q, k, v, causal, packed)
     batch, seqlen, heads, dim = q.shape
     groups = heads // k.shape[2]
     q, k, v = (t.reshape(batch * seqlen, t.shape[2], dim) for t in (q, _repeat_kv(k, groups), _repeat_kv(v, groups)))
-    bounds = packed.cu_seqlens.tolist()
+    bounds, bounds_k = _segment_bounds(packed)
     if packed.key_index is not None:
-        k, v, bounds_k = k[packed.key_index], v[packed.key_index], packed.cu_seqlens_k.tolist()
-    else:
-        bounds_k = bounds
+        k, v = k[packed.key_index], v[packed.key_index]
     outs = []
     for q0, q1, k0, k1 in zip(bounds[:-1], bounds[1:], bounds_k[:-1], bounds_k[1:]):
         # [1, H, L, D]: with 3-D inputs this torch's CPU SDPA took a kernel half as fast

@@ -361,9 +361,9 @@ class Trainer:
             raise TrainingError(f"internal: the step trained on {trained} {self._count_unit()}, more than the "
                                 f"{planned} its plan holds")
         if 0 < trained < planned:
-            grads = [p.grad for p in pmodel.parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, planned / trained)
+            for param in pmodel.parameters():  # one by one: foreach ops refuse TP's mix of DTensor and plain
+                if param.grad is not None:
+                    param.grad.mul_(planned / trained)
             log.debug("train: step normalised over %d %s, not the %d planned (samples left out for broken "
                       "images)", trained, self._count_unit(), planned)
         return trained
